@@ -1,0 +1,446 @@
+"""Make a plan: a new tag for each site of the suspect tags, and the bytes that give it.
+
+Two ways to change a site's tag:
+* `imm` — edit the 4 tag bytes of the instruction that holds the constant (same length, keystone-assembled);
+* `stub` — redirect the call (`call rel32` over `call [IAT]`, `jmp rel32` over `jmp [IAT]`, a new rel32 for a call
+  to an import thunk) to a small stub in a code cave that sets the new tag and continues to the routine. Used
+  where one constant feeds several sites (with `--split shared`), where the tag is not a constant, and for
+  untagged ExAllocatePool (`--split untagged`), which the stub turns into ExAllocatePoolWithTag.
+The stub is entered with exactly the routine's own entry layout (a `call` pushed the site's return address, a tail
+`jmp` left the caller's), so it can set a stack-passed tag at the routine's argument offset and jump on.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .. import apis, tags
+from ..errors import DisasmError, PlanError, TagError
+from ..image import Image
+from ..sites import model as sm
+from ..sites.model import CallSite, DriverScan
+from . import model
+from .asm import assemble, disassemble, retag
+from .caves import Cave, CaveSpace, find_caves
+from .model import FILE_ONLY, Driver, Patch, Plan, SitePlan
+from .newtags import Avoid, pick, prefix_of
+
+SPLITS = ("shared", "untagged", "frees")
+_NOP = {1: b"\x90", 2: b"\x66\x90", 7: b"\x0f\x1f\x80\x00\x00\x00\x00"}
+_ICO_NOP = b"\x0f\x1f\x44\x00\x00"
+_REG32 = {"r8": "r8d", "rdx": "edx", "r9": "r9d", "rcx": "ecx"}
+# `call $+5; pop eax`: keystone mis-assembles `$+5` (it drops the call), so these two are written out.
+_PIC = b"\xe8\x00\x00\x00\x00\x58"
+
+
+@dataclass(frozen=True)
+class Options:
+    tags: tuple[int, ...]
+    prefix: Optional[str] = None
+    avoid: Avoid = field(default_factory=Avoid)
+    split: frozenset[str] = frozenset()
+
+
+class _Refused(Exception):
+    pass
+
+
+class Planner:
+    def __init__(self, image: Image, scan: DriverScan, options: Options) -> None:
+        self.image = image
+        self.scan = scan
+        self.options = options
+        self.arch = image.arch
+        self.caves = CaveSpace(find_caves(image))
+        self.slack_ends: dict[str, int] = {}
+        self.iat: dict[str, int] = {imp.name: slot for slot, imp in image.imports.items()}
+
+    # --- selection --------------------------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        suspects = {t & ~tags.PROTECTED_POOL for t in self.options.tags}
+        if not suspects:
+            raise PlanError("give the suspect tag with --tag")
+        for t in self.options.tags:
+            if tags.problems(t) and t & ~tags.PROTECTED_POOL != _NONE:
+                raise TagError(f"tag {tags.hex_value(t)} breaks the tag rules: {'; '.join(tags.problems(t))}")
+        untagged = "untagged" in self.options.split
+        chosen = [
+            s for s in self.scan.sites
+            if s.role != apis.FREE and (_plain(s.tag_value) in suspects or (untagged and _untagged(s)))
+        ]
+        if not chosen:
+            used = sorted({s.tag for s in self.scan.sites if s.tag and s.role != apis.FREE})
+            names = ", ".join(f"'{tags.display(t)}'" for t in sorted(suspects))
+            raise TagError(
+                f"{self.image.name} has no allocation site with {names}"
+                + (f"; its constant tags are {', '.join(repr(u) for u in used)}" if used else "")
+                + ("" if untagged else " (untagged ExAllocatePool sites need --split untagged)")
+            )
+        frees = [s for s in self.scan.sites if s.role == apis.FREE and _plain(s.tag_value) in suspects]
+        avoid = self.options.avoid
+        for s in self.scan.sites:
+            if s.tag_value:
+                avoid.add(s.tag_value)
+        for v in suspects:
+            avoid.add(v)
+
+        # Sites fed by one constant: one group (one new tag, edited once) unless `--split shared`.
+        groups: dict[int, list[CallSite]] = defaultdict(list)
+        singles: list[CallSite] = []
+        for s in chosen:
+            ts = s.tag_source
+            shared = s.shared_with or ts.other_sources
+            if ts.kind == sm.IMM and ts.rva is not None and ts.imm_offset is not None and shared:
+                if "shared" not in self.options.split and not ts.other_sources:
+                    groups[ts.rva].append(s)
+                    continue
+            singles.append(s)
+        units: list[list[CallSite]] = [[s] for s in singles] + list(groups.values())
+        units.sort(key=lambda u: min(x.rva for x in u))
+
+        new_tags: dict[int, int] = {}
+        by_old: dict[Optional[int], list[list[CallSite]]] = defaultdict(list)
+        for u in units:
+            by_old[_plain(u[0].tag_value)].append(u)
+        for old, us in sorted(by_old.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            protected = any((x.tag_value or 0) & tags.PROTECTED_POOL for u in us for x in u)
+            fresh = pick(len(us), prefix_of(old, self.options.prefix), avoid, protected)
+            for u, t in zip(us, fresh):
+                for x in u:
+                    new_tags[x.rva] = t
+
+        plans: list[SitePlan] = []
+        for u in units:
+            plans.extend(self._plan_unit(u, new_tags[u[0].rva]))
+        free_plans: list[SitePlan] = []
+        if "frees" in self.options.split:
+            plans.extend(self._plan_free(s) for s in frees)
+        else:
+            free_plans = [
+                self._site_plan(s, None, model.REFUSED, "left unchanged: frees with the old tag, which is harmless "
+                                "unless the tag is protected or a checking kernel is in use; --split frees sets it to 0")
+                for s in frees
+            ]
+        self._widen_slack(plans)
+        plans.sort(key=lambda p: p.rva)
+        plan = Plan(
+            driver=_driver(self.image),
+            tags=tuple(sorted(self.options.tags)),
+            sites=tuple(plans),
+            free_sites=tuple(free_plans),
+            options={"split": sorted(self.options.split), "prefix": self.options.prefix},
+        )
+        model.check(plan)
+        return plan
+
+    # --- one unit (a site, or the sites of one shared constant) ------------------------------------------------
+
+    def _plan_unit(self, unit: list[CallSite], new: int) -> list[SitePlan]:
+        first = unit[0]
+        ts = first.tag_source
+        if len(unit) > 1:
+            try:
+                patch = self._imm_patch(first, new)
+            except _Refused as e:
+                return [self._site_plan(s, new, model.REFUSED, str(e)) for s in unit]
+            others = ", ".join(f"{s.rva:#x}" for s in unit[1:])
+            out = [
+                self._site_plan(
+                    first, new, model.IMM,
+                    f"one constant feeds {len(unit)} sites ({first.rva:#x}, {others}): they share the new tag; "
+                    "--split shared gives each its own through a stub",
+                    (patch,), tuple(s.rva for s in unit[1:]),
+                )
+            ]
+            for s in unit[1:]:
+                out.append(self._site_plan(
+                    s, new, model.IMM, f"shares the constant edited for site {first.rva:#x}", (),
+                    tuple(x.rva for x in unit if x.rva != s.rva)))
+            return out
+        if ts.kind == sm.IMM and ts.imm_offset is not None and not first.shared_with and not ts.other_sources:
+            try:
+                return [self._site_plan(first, new, model.IMM, "tag immediate edited in place",
+                                        (self._imm_patch(first, new),))]
+            except _Refused as e:
+                reason = str(e)
+                try:
+                    return [self._stub_plan(first, new, f"{reason}; redirected through a stub instead")]
+                except _Refused as e2:
+                    return [self._site_plan(first, new, model.REFUSED, f"{reason}; {e2}")]
+        why = {
+            sm.IMM: "the constant feeds other sites too",
+            sm.NONE: "untagged allocation, turned into the tagged routine",
+        }.get(ts.kind, f"the tag is not a constant here ({ts.kind}: {ts.detail})")
+        try:
+            return [self._stub_plan(first, new, why)]
+        except _Refused as e:
+            return [self._site_plan(first, new, model.REFUSED, f"{why}; {e}")]
+
+    def _plan_free(self, site: CallSite) -> SitePlan:
+        ts = site.tag_source
+        if ts.kind == sm.IMM and ts.imm_offset is not None and not site.shared_with and not ts.other_sources:
+            try:
+                return self._site_plan(site, 0, model.FREE_ZERO,
+                                       "frees with tag 0, so no tag check can fail for the retagged blocks",
+                                       (self._imm_patch(site, 0),))
+            except _Refused:
+                pass
+        try:
+            p = self._stub_plan(site, 0, "free's tag set to 0 by a stub")
+            return SitePlan(**{**p.__dict__, "strategy": model.FREE_ZERO})
+        except _Refused as e:
+            return self._site_plan(site, 0, model.REFUSED, f"cannot set the free's tag to 0: {e}")
+
+    # --- in-place edit ------------------------------------------------------------------------------------------
+
+    def _imm_patch(self, site: CallSite, new: int) -> Patch:
+        ts = site.tag_source
+        insn = ts.insn
+        if insn is None or ts.imm_offset is None:
+            raise _Refused("no tag immediate to edit")
+        if self.image.relocated_in(insn.rva + ts.imm_offset, 4):
+            raise _Refused(f"the tag bytes at {insn.rva + ts.imm_offset:#x} are covered by a base relocation")
+        sec = self.image.section_at(insn.rva)
+        if sec is not None and sec.discardable:
+            note = " (INIT: only useful in a patched file)"
+        else:
+            note = ""
+        try:
+            new_bytes = retag(insn.raw, insn.text, ts.imm_offset, new, self.arch, insn.rva)
+        except DisasmError as e:
+            raise _Refused(str(e)) from e
+        return Patch(insn.rva, insn.raw, new_bytes, f"tag immediate of `{insn.text}`{note}")
+
+    # --- stubs ------------------------------------------------------------------------------------------------
+
+    def _stub_plan(self, site: CallSite, new: int, why: str) -> SitePlan:
+        api = apis.BY_NAME[site.api]
+        target_api = api
+        if not api.tagged:
+            if api.tagged_equivalent is None or api.role == apis.FREE:
+                raise _Refused(f"{api.name} takes no tag and has no tagged equivalent to call instead")
+            target_api = apis.BY_NAME[api.tagged_equivalent]
+            if target_api.name not in self.iat:
+                raise _Refused(f"the driver does not import {target_api.name}, which the stub would call")
+        redirect, alts, kind, thunk = self._redirect_shape(site)
+        code, text = self._stub_code(site, api, target_api, new, kind, thunk, cave_rva=0)
+        cave = self.caves.take(len(code))
+        if cave is None:
+            raise _Refused(f"no code cave of {len(code)} bytes left (only int3 padding and section slack are used)")
+        code, text = self._stub_code(site, api, target_api, new, kind, thunk, cave_rva=cave.rva)
+        if cave.kind == "slack":
+            self.slack_ends[cave.section] = max(self.slack_ends.get(cave.section, 0), cave.rva + len(code))
+        original_cave = self.image.read(cave.rva, len(code))
+        rel = cave.rva - (site.rva + 5)
+        opcode = b"\xe9" if kind == "tail" else b"\xe8"
+        replacement = opcode + struct.pack("<i", rel)
+        replacement += _NOP[len(redirect) - 5] if len(redirect) > 5 else b""
+        patches = [
+            Patch(cave.rva, original_cave, code, f"stub for site {site.rva:#x} in {cave.kind} of {cave.section}"),
+            Patch(site.rva, redirect, replacement, f"{site.call} call redirected to the stub", alts),
+        ]
+        patches += self._reloc_neutralisation(site.rva, len(redirect))
+        return self._site_plan(site, new, model.STUB, why, tuple(patches), stub=(cave, code, text))
+
+    def _redirect_shape(self, site: CallSite) -> tuple[bytes, tuple[str, ...], str, Optional[int]]:
+        """(bytes replaced, resident alternatives, 'call'|'tail', thunk rva) for the site's call instruction."""
+        raw = site.raw
+        if site.call == sm.THUNK:
+            target = site.rva + 5 + struct.unpack_from("<i", raw, 1)[0]
+            return raw, (), "tail" if raw[0] == 0xE9 else "call", target
+        if site.call == sm.REGISTER_CALL:
+            raise _Refused("a call through a register is too short to redirect to a stub")
+        if site.call == sm.TAIL:
+            return raw, self._x86_alt(raw), "tail", None
+        if len(raw) == 7 and raw[0] == 0x48:
+            after = self.image.read(site.rva + 7, 5)
+            if after == _ICO_NOP:
+                # import-call-optimisation: in memory the loader may have made it `mov r10,[IAT]; call rel32`
+                alt = "4c8b15" + raw[3:7].hex() + "e8????????"
+                return raw + after, (alt,), "call", None
+        if len(raw) == 12 and raw[:3] == b"\x4c\x8b\x15":
+            raise _Refused("resident import-call form: make the plan from the driver file")
+        return raw, self._x86_alt(raw), "call", None
+
+    def _x86_alt(self, raw: bytes) -> tuple[str, ...]:
+        # x86 `call/jmp [abs32]`: the loader relocates abs32, so resident memory holds another address there.
+        if self.arch == "x86" and len(raw) == 6 and raw[0] == 0xFF:
+            return (raw[:2].hex() + "????????",)
+        return ()
+
+    def _reloc_neutralisation(self, rva: int, size: int) -> list[Patch]:
+        """In the patched file, relocation entries inside a redirected call would corrupt the new rel32: make them
+        IMAGE_REL_BASED_ABSOLUTE (a no-op). Resident memory was relocated already and needs nothing."""
+        out = []
+        for i, r in enumerate(self.image.relocations):
+            if rva <= r < rva + size:
+                at = self.image.relocation_entries[i]
+                entry = self.image.read(at, 2)
+                value = struct.unpack("<H", entry)[0]
+                out.append(Patch(at, entry, struct.pack("<H", value & 0x0FFF), "base relocation disabled", (), FILE_ONLY))
+            elif r > rva + size:
+                break
+        return out
+
+    def _stub_code(
+        self, site: CallSite, api: apis.PoolApi, target_api: apis.PoolApi, new: int, kind: str,
+        thunk: Optional[int], cave_rva: int,
+    ) -> tuple[bytes, tuple[str, ...]]:
+        ptr = self.image.ptr_size
+        lines: list[str] = []
+        where = target_api.tag_location(self.arch)
+        untagged = not api.tagged
+        if self.arch == "x64":
+            if isinstance(where, str):
+                lines.append(f"mov {_REG32[where]}, {new:#x}")
+            elif where is not None:
+                lines.append(f"mov dword ptr [rsp + {where + ptr:#x}], {new:#x}")
+            code = assemble("; ".join(lines), self.arch, cave_rva)
+            if thunk is not None:
+                jmp = assemble(f"jmp {thunk:#x}", self.arch, cave_rva + len(code))
+                lines.append(f"jmp {thunk:#x}")
+            else:
+                slot = self.iat[target_api.name] if untagged else self._slot_of(site)
+                disp = slot - (cave_rva + len(code) + 6)
+                jmp = b"\xff\x25" + struct.pack("<i", disp)
+                lines.append(f"jmp qword ptr [rip + {disp:#x}]    ; [IAT {target_api.name}]")
+            code += jmp
+            return code, tuple(lines)
+        # x86: position-independent (no absolute address that would need a base relocation); eax is free at the
+        # call of every pool routine (not an argument, and the routine's return value or dead).
+        if untagged:
+            assert thunk is None
+            slot = self.iat[target_api.name]
+            pre = "call $+5; pop eax"
+            body = [
+                f"push {new:#x}",
+                "push dword ptr [esp + 0xc]",
+                "push dword ptr [esp + 0xc]",
+            ]
+            head = _PIC
+            mid = assemble("; ".join(body), self.arch, cave_rva + len(head))
+            disp = slot - (cave_rva + 5)
+            tail_call = b"\xff\x90" + struct.pack("<i", disp)  # call dword ptr [eax + disp]
+            ret = b"\xc2" + struct.pack("<H", api.arg_bytes_x86)
+            code = head + mid + tail_call + ret
+            lines = [*pre.split("; "), *body, f"call dword ptr [eax + {disp:#x}]    ; [IAT {target_api.name}]",
+                     f"ret {api.arg_bytes_x86:#x}"]
+            return code, tuple(lines)
+        assert isinstance(where, int)
+        lines.append(f"mov dword ptr [esp + {where + ptr:#x}], {new:#x}")
+        code = assemble(lines[0], self.arch, cave_rva)
+        if thunk is not None:
+            code += assemble(f"jmp {thunk:#x}", self.arch, cave_rva + len(code))
+            lines.append(f"jmp {thunk:#x}")
+            return code, tuple(lines)
+        slot = self._slot_of(site)
+        pic = _PIC
+        base_at = cave_rva + len(code) + 5
+        disp = slot - base_at
+        code += pic + b"\xff\xa0" + struct.pack("<i", disp)  # jmp dword ptr [eax + disp]
+        lines += ["call $+5", "pop eax", f"jmp dword ptr [eax + {disp:#x}]    ; [IAT {api.name}]"]
+        return code, tuple(lines)
+
+    def _slot_of(self, site: CallSite) -> int:
+        return self.iat[site.api]
+
+    def _widen_slack(self, plans: list[SitePlan]) -> None:
+        """A stub in a section's slack must be inside VirtualSize in the patched file (file-only header edit)."""
+        for name, end in self.slack_ends.items():
+            sec = next(s for s in self.image.sections if s.name == name)
+            at = sec.header_offset + 8
+            old = self.image.read(at, 4)
+            new = struct.pack("<I", end - sec.rva)
+            patch = Patch(at, old, new, f"VirtualSize of {name} widened over its stubs", (), FILE_ONLY)
+            for i, p in enumerate(plans):
+                if p.strategy in (model.STUB, model.FREE_ZERO) and p.stub_rva is not None:
+                    cave_sec = self.image.section_at(p.stub_rva)
+                    if cave_sec is not None and cave_sec.name == name:
+                        plans[i] = SitePlan(**{**p.__dict__, "patches": (*p.patches, patch)})
+                        break
+
+    def _site_plan(
+        self,
+        site: CallSite,
+        new: Optional[int],
+        strategy: str,
+        reason: str,
+        patches: tuple[Patch, ...] = (),
+        shared_with: tuple[int, ...] = (),
+        stub: Optional[tuple[Cave, bytes, tuple[str, ...]]] = None,
+    ) -> SitePlan:
+        if new is not None and site.tag_value is not None and site.tag_value & tags.PROTECTED_POOL and new:
+            new |= tags.PROTECTED_POOL
+        if site.discardable:
+            reason += "; the site is in INIT, which is discarded after DriverEntry (live patching cannot reach it)"
+        return SitePlan(
+            rva=site.rva,
+            api=site.api,
+            role=site.role,
+            function=site.function_name or (f"sub_{site.function_rva:x}" if site.function_rva is not None else None),
+            old_tag=site.tag_value,
+            new_tag=new,
+            strategy=strategy,
+            reason=reason,
+            patches=patches,
+            stub_rva=stub[0].rva if stub else None,
+            stub=stub[1] if stub else b"",
+            stub_text=stub[2] if stub else (),
+            shared_with=shared_with,
+            section=site.section,
+        )
+
+
+_NONE = int.from_bytes(b"None", "little")
+
+
+def _plain(v: Optional[int]) -> Optional[int]:
+    return None if v is None else v & ~tags.PROTECTED_POOL
+
+
+def _untagged(site: CallSite) -> bool:
+    return site.tag_source.kind == sm.NONE and site.role == apis.ALLOC
+
+
+def _driver(image: Image) -> Driver:
+    return Driver(
+        path=str(Path(image.path)),
+        name=Path(image.path).name,
+        sha256=image.sha256,
+        arch=image.arch,
+        timestamp=image.timestamp,
+        size_of_image=image.size_of_image,
+        checksum=image.checksum,
+        image_base=image.preferred_base,
+    )
+
+
+def make_plan(image: Image, scan: DriverScan, options: Options) -> Plan:
+    """A plan for `image`.
+
+    Raises:
+        TagError: no site uses the tag, or a tag breaks the rules.
+        PlanError: the plan would be inconsistent (overlapping patches).
+    """
+    if image.mapped:
+        raise PlanError("make the plan from the driver file, not from a memory image")
+    return Planner(image, scan, options).run()
+
+
+def describe(plan: Plan) -> list[str]:
+    """pooltag.txt lines for the new tags, so PoolMon /g and !poolused name each site."""
+    out = []
+    for s in plan.sites:
+        if s.new_tag is None or s.strategy == model.REFUSED or s.role == apis.FREE:
+            continue
+        fn = f" in {s.function}" if s.function else ""
+        out.append(f"{tags.display(s.new_tag)} - {plan.driver.name} - site {s.rva:#x}{fn} ({s.api})")
+    return out
+
+
+__all__ = ["SPLITS", "Options", "describe", "disassemble", "make_plan"]

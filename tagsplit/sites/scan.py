@@ -1,0 +1,316 @@
+"""Find every pool call site of an image and resolve the tag each one passes."""
+
+from __future__ import annotations
+
+import struct
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import capstone
+
+from .. import apis
+from ..apis import PoolApi
+from ..image import Image
+from . import model
+from .flow import FunctionCode
+from .model import CallSite, DriverScan, Instruction, TagSource
+from .refs import JMP_MEM, LOAD, FunctionStarts, Ref, after_padding, direct_branches_to, find_refs
+from .semantics import Context, Insn, Loc, Origin, RegLoc, StackLoc, branch_target, parse_operands
+
+_X64_REG_OF = {"r8": "r8", "rdx": "rdx", "r9": "r9", "rcx": "rcx"}
+
+
+class _Scanner:
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.pool: dict[int, PoolApi] = {}
+        for slot, imp in image.imports.items():
+            api = apis.lookup(imp.name)
+            if api is not None and imp.dll.lower() == api.dll:
+                self.pool[slot] = api
+        mode = capstone.CS_MODE_64 if image.arch == "x64" else capstone.CS_MODE_32
+        self.cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+        self.ctx = Context(image.arch, image.base, self._import_at, self._call_pop)
+        self._starts: Optional[FunctionStarts] = None
+        self._pops: dict[int, Optional[int]] = {}
+        self.notes: list[str] = []
+        self.thunks: dict[int, bool] = {}
+
+    # --- helpers the semantics call back into -------------------------------------------------------------
+
+    def _import_at(self, slot: int) -> Optional[str]:
+        imp = self.image.imports.get(slot)
+        return imp.name if imp else None
+
+    def _call_pop(self, insn: Insn) -> Optional[int]:
+        """Bytes an x86 callee pops (stdcall), from the pool table or the callee's own `ret N`."""
+        target = branch_target(insn)
+        if target is None:
+            ops = parse_operands(insn.op_str)
+            if ops and ops[0].mem is not None and ops[0].mem.base is None and ops[0].mem.index is None:
+                api = self.pool.get((ops[0].mem.disp - self.image.base) & 0xFFFFFFFF)
+                return api.arg_bytes_x86 if api else None
+            return None
+        if target not in self._pops:
+            self._pops[target] = self._ret_size(target)
+        return self._pops[target]
+
+    def _ret_size(self, start: int) -> Optional[int]:
+        mem = self.image.mem
+        for _, _, mn, ops in self.cs.disasm_lite(mem[start : start + 0x2000], start):
+            if mn in ("ret", "retn"):
+                return int(ops, 0) if ops else 0
+            if mn == "jmp" and ops.startswith("dword ptr ["):
+                o = parse_operands(ops)
+                if o and o[0].mem is not None and o[0].mem.base is None:
+                    api = self.pool.get((o[0].mem.disp - self.image.base) & 0xFFFFFFFF)
+                    return api.arg_bytes_x86 if api else None
+        return None
+
+    # --- function bounds -----------------------------------------------------------------------------------
+
+    def _function(self, rva: int) -> Optional[tuple[int, tuple[tuple[int, int], ...]]]:
+        f = self.image.function_at(rva)
+        if f is not None:
+            return f.rva, f.ranges
+        if self._starts is None:
+            self._starts = FunctionStarts(self.image)
+        b = self._starts.bounds(rva)
+        if b is None:
+            return None
+        return b[0], (b,)
+
+    # --- the scan ------------------------------------------------------------------------------------------
+
+    def run(self) -> list[CallSite]:
+        if not self.pool:
+            return []
+        refs = find_refs(self.image, set(self.pool))
+        thunks, unused = self._thunks(refs)
+        self.thunks = {**{t: True for t in thunks}, **{t: False for t in unused}}
+        refs = [r for r in refs if r.rva not in unused]
+        by_function: dict[int, tuple[tuple[tuple[int, int], ...], list[Ref]]] = {}
+        thunk_callers: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        if thunks:
+            for src, target, _is_call in direct_branches_to(self.image, set(thunks)):
+                thunk_callers[src].append((src, target))
+        for rva in [r.rva for r in refs if r.rva not in thunks] + list(thunk_callers):
+            fn = self._function(rva)
+            if fn is None:
+                self.notes.append(f"reference at {rva:#x} is outside every function")
+                continue
+            by_function.setdefault(fn[0], (fn[1], []))
+        refs_at = {r.rva: r for r in refs}
+        sites: list[CallSite] = []
+        for entry, (ranges, _) in sorted(by_function.items()):
+            code = FunctionCode(self.image.mem, entry, ranges, self.cs)
+            sites.extend(self._sites_in(code, refs_at, thunks))
+        return _mark_shared(sites)
+
+    def _thunks(self, refs: list[Ref]) -> tuple[dict[int, PoolApi], set[int]]:
+        """jmp [IAT] stubs (import thunks) that code calls, and those nothing calls; the rest are tail calls."""
+        candidates = {}
+        for r in refs:
+            if r.kind != JMP_MEM:
+                continue
+            f = self.image.function_at(r.rva)
+            # An exported one-jump function is the driver's own wrapper compiled to a tail jump, not a thunk.
+            if (f is None or f.rva == r.rva) and r.rva not in self.image.exports:
+                candidates[r.rva] = self.pool[r.slot]
+        if not candidates:
+            return {}, set()
+        called = {t for _, t, _ in direct_branches_to(self.image, set(candidates))}
+        thunks = {k: v for k, v in candidates.items() if k in called}
+        # A stub in a run of stubs or after padding that nothing calls is an unused thunk (mingw emits one per
+        # import), not a tail call at the end of some function.
+        unused = {
+            k for k in candidates if k not in called and self.image.function_at(k) is None
+            and after_padding(self.image.mem, k)
+        }
+        return thunks, unused
+
+    def _sites_in(self, code: FunctionCode, refs_at: dict[int, Ref], thunks: dict[int, PoolApi]) -> Iterable[CallSite]:
+        has_load = any(refs_at.get(i.rva) is not None and refs_at[i.rva].kind == LOAD for i in code.insns)
+        for k, insn in enumerate(code.insns):
+            ref = refs_at.get(insn.rva)
+            api: Optional[PoolApi] = None
+            call = ""
+            notes: list[str] = []
+            if ref is not None and ref.size == insn.size:
+                if ref.kind == "call":
+                    api, call = self.pool[ref.slot], model.DIRECT
+                    nxt = code.insns[k + 1] if k + 1 < len(code.insns) else None
+                    if insn.raw[:1] == b"\x48" and nxt is not None and nxt.raw == b"\x0f\x1f\x44\x00\x00":
+                        notes.append("import-call-optimisation form (REX.W call + 5-byte NOP)")
+                elif ref.kind == JMP_MEM and insn.rva not in thunks:
+                    api, call = self.pool[ref.slot], model.TAIL
+                elif ref.kind == LOAD and insn.raw[:1] == b"\x4c" and insn.op_str.startswith("r10,"):
+                    nxt = code.insns[k + 1] if k + 1 < len(code.insns) else None
+                    if nxt is not None and nxt.mnemonic == "call" and nxt.raw[:1] == b"\xe8":
+                        # Reported at the mov, so the site keeps the RVA it has in the file (48 FF 15 + NOP).
+                        notes.append("resident import-call-optimisation form (mov r10,[IAT]; call rel32)")
+                        yield self._site(code, k, self.pool[ref.slot], model.DIRECT, notes, span=2)
+                    continue
+            elif insn.mnemonic in ("call", "jmp") and insn.raw[:1] in (b"\xe8", b"\xe9"):
+                target = branch_target(insn)
+                if target in thunks:
+                    api, call = thunks[target], model.THUNK
+                    if insn.mnemonic == "jmp":
+                        notes.append("tail jump to the import thunk")
+            elif has_load and insn.mnemonic in ("call", "jmp"):
+                ops = parse_operands(insn.op_str)
+                if ops and ops[0].kind == "reg" and ops[0].reg is not None:
+                    found = code.origins(k, RegLoc(ops[0].reg), self.ctx)
+                    names = {o.api for o in found if o.kind == "import"}
+                    if len(found) == 1 and len(names) == 1:
+                        api = apis.lookup(names.pop() or "")
+                        call = model.REGISTER_CALL
+                        if insn.mnemonic == "jmp":
+                            notes.append("tail jump through a register")
+            if api is not None:
+                yield self._site(code, k, api, call, notes)
+
+    def _site(
+        self, code: FunctionCode, k: int, api: PoolApi, call: str, notes: list[str], span: int = 1
+    ) -> CallSite:
+        insn = code.insns[k]
+        raw = b"".join(i.raw for i in code.insns[k : k + span])
+        image = self.image
+        source = self._tag_source(code, k, api, tail=insn.mnemonic == "jmp")
+        sec = image.section_at(insn.rva)
+        return CallSite(
+            rva=insn.rva,
+            size=len(raw),
+            raw=raw,
+            api=api.name,
+            role=api.role,
+            call=call,
+            function_rva=code.entry,
+            function_name=image.exports.get(code.entry),
+            section=sec.name if sec else "?",
+            tag_source=source,
+            pageable=bool(sec and sec.pageable),
+            discardable=bool(sec and sec.discardable),
+            notes=tuple(notes),
+        )
+
+    def _tag_source(self, code: FunctionCode, k: int, api: PoolApi, tail: bool) -> TagSource:
+        where = api.tag_location(self.image.arch)
+        if where is None:
+            return TagSource(model.NONE, detail=f"{api.name} takes no tag")
+        loc: Loc
+        if isinstance(where, str):
+            loc = RegLoc(_X64_REG_OF[where])
+        else:
+            # At a tail jump the return address is already on the stack, one slot above the call-time layout.
+            loc = StackLoc(where + (self.image.ptr_size if tail else 0))
+        return _classify(code.origins(k, loc, self.ctx), code, self.image)
+
+
+def _instruction(code: FunctionCode, rva: Optional[int]) -> Optional[Instruction]:
+    if rva is None:
+        return None
+    k = code.at(rva)
+    if k is None:
+        return None
+    ins = code.insns[k]
+    return Instruction(ins.rva, ins.raw, f"{ins.mnemonic} {ins.op_str}".strip())
+
+
+def _classify(origins: list[Origin], code: FunctionCode, image: Image) -> TagSource:
+    if not origins:
+        return TagSource(model.COMPUTED, detail="no path reaches the call")
+    kinds = {o.kind for o in origins}
+    if kinds == {"imm"}:
+        values = {o.value for o in origins}
+        if len(values) == 1:
+            first, *rest = sorted(origins, key=lambda o: o.rva or 0)
+            return TagSource(
+                model.IMM,
+                value=first.value,
+                insn=_instruction(code, first.rva),
+                imm_offset=first.imm_offset,
+                other_sources=tuple(o.rva for o in rest if o.rva is not None),
+                detail=first.detail,
+            )
+        shown = ", ".join(f"{v:#010x}" for v in sorted(v for v in values if v is not None))
+        return TagSource(model.COMPUTED, detail=f"one of several constants: {shown}")
+    if len(origins) == 1:
+        o = origins[0]
+        kind = {"import": model.MEMORY}.get(o.kind, o.kind)
+        if kind == model.PARAM:
+            return TagSource(model.PARAM, param_index=o.param, detail=f"argument {o.param} of the function")
+        return TagSource(kind, detail=o.detail or kind)
+    if kinds == {"param"} and len({o.param for o in origins}) == 1:
+        return TagSource(model.PARAM, param_index=origins[0].param, detail=f"argument {origins[0].param}")
+    parts = sorted({o.kind for o in origins})
+    return TagSource(model.COMPUTED, detail="different sources meet: " + ", ".join(parts))
+
+
+def _mark_shared(sites: list[CallSite]) -> list[CallSite]:
+    by_insn: dict[int, list[int]] = defaultdict(list)
+    for s in sites:
+        ts = s.tag_source
+        if ts.kind == model.IMM and ts.rva is not None and ts.imm_offset is not None:
+            for r in (ts.rva, *ts.other_sources):
+                by_insn[r].append(s.rva)
+    out = []
+    for s in sites:
+        ts = s.tag_source
+        shared: set[int] = set()
+        if ts.kind == model.IMM and ts.rva is not None and ts.imm_offset is not None:
+            for r in (ts.rva, *ts.other_sources):
+                shared.update(x for x in by_insn[r] if x != s.rva)
+        if shared:
+            s = _replace(s, shared_with=tuple(sorted(shared)))
+        out.append(s)
+    return out
+
+
+def _replace(site: CallSite, **changes: object) -> CallSite:
+    import dataclasses
+
+    return dataclasses.replace(site, **changes)  # type: ignore[arg-type]
+
+
+def unexplained(image: Image, sites: list[CallSite], values: Iterable[int]) -> dict[int, tuple[int, ...]]:
+    """Occurrences of each tag's 4 bytes in executable sections that no site's tag instruction accounts for."""
+    explained = set()
+    for s in sites:
+        ts = s.tag_source
+        if ts.rva is not None and ts.imm_offset is not None:
+            explained.add(ts.rva + ts.imm_offset)
+    out: dict[int, tuple[int, ...]] = {}
+    for v in sorted(set(values)):
+        needle = struct.pack("<I", v & 0xFFFFFFFF)
+        hits = []
+        for sec in image.code_sections():
+            pos = image.mem.find(needle, sec.rva, sec.end)
+            while pos >= 0:
+                if pos not in explained:
+                    hits.append(pos)
+                pos = image.mem.find(needle, pos + 1, sec.end)
+        out[v] = tuple(hits)
+    return out
+
+
+def scan_image(image: Image, tags: Optional[Iterable[int]] = None) -> DriverScan:
+    """All pool call sites of `image`; `tags` are the values whose bytes are cross-checked (default: all seen)."""
+    scanner = _Scanner(image)
+    sites = scanner.run()
+    wanted = list(tags) if tags is not None else [s.tag_value for s in sites if s.tag_value]
+    return DriverScan(
+        path=image.path,
+        sha256=image.sha256,
+        arch=image.arch,
+        image_base=image.base,
+        mapped=image.mapped,
+        is_driver=image.is_driver,
+        timestamp=image.timestamp,
+        size_of_image=image.size_of_image,
+        checksum=image.checksum,
+        sites=tuple(sites),
+        unexplained_tag_bytes=unexplained(image, sites, [w for w in wanted if w is not None]),
+        warnings=tuple(image.warnings) + tuple(scanner.notes),
+        import_thunks=dict(sorted(scanner.thunks.items())),
+    )

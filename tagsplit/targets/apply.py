@@ -1,0 +1,253 @@
+"""Apply and revert a plan on any Target: verify everything, journal, write, read back, roll back on failure.
+
+Standard library only: this runs inside WinDbg's Python (pykd) as well as in the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import InputError, PatchConflictError, PlanError, TargetError, TargetReadError, TargetWriteError
+from ..plan.model import CODE, Patch, Plan, digest
+from .base import Target
+
+JOURNAL_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    rva: int
+    original: bytes  # what the target held before tagsplit wrote (what revert restores)
+    replacement: bytes
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    written: int  # patches written now
+    already: int  # patches that were already in place
+    journal: Path
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_journal(path: Path, doc: dict[str, Any]) -> None:
+    """Atomically replace the journal: a crash leaves the old or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the journal: {e.strerror or e}") from e
+
+
+def read_journal(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the journal: {e.strerror or e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"{path}: not a tagsplit journal ({e})") from e
+    if not isinstance(doc, dict) or doc.get("tool") != "tagsplit-journal" or doc.get("schema") != JOURNAL_SCHEMA:
+        raise PlanError(f"{path}: not a tagsplit journal")
+    entries = doc.get("entries")
+    if not isinstance(entries, list):
+        raise PlanError(f"{path}: journal has no entries")
+    for e in entries:
+        try:
+            int(e["rva"], 16)
+            if len(bytes.fromhex(e["original"])) != len(bytes.fromhex(e["replacement"])):
+                raise ValueError("length")
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanError(f"{path}: corrupt journal entry {e!r}") from err
+    return doc
+
+
+def journal_entries(doc: dict[str, Any]) -> list[Entry]:
+    return [
+        Entry(int(e["rva"], 16), bytes.fromhex(e["original"]), bytes.fromhex(e["replacement"]), e.get("what", ""))
+        for e in doc["entries"]
+    ]
+
+
+def _order(patches: list[Patch]) -> list[Patch]:
+    # Stubs first: no call may be redirected to a stub that is not fully written yet.
+    return sorted(patches, key=lambda p: (0 if p.what.startswith("stub") else 1, p.rva))
+
+
+def _read(target: Target, va: int, size: int) -> bytes:
+    try:
+        data = target.read(va, size)
+    except TargetError:
+        raise
+    except Exception as e:  # a backend that forgot to translate its errors still must not crash the tool
+        raise TargetReadError(f"cannot read {size} bytes at {va:#x}: {e}") from e
+    if len(data) != size:
+        raise TargetReadError(f"short read at {va:#x}: {len(data)} of {size} bytes")
+    return bytes(data)
+
+
+def apply(
+    plan: Plan,
+    target: Target,
+    journal: Path,
+    *,
+    scopes: tuple[str, ...] = (CODE,),
+    extra: Optional[list[Patch]] = None,
+) -> Outcome:
+    """Write the plan's patches to `target`; see the module docstring for the guarantees.
+
+    Raises:
+        PatchConflictError: some range holds neither the plan's original nor its replacement bytes.
+        TargetReadError / TargetWriteError: the target failed; everything written was rolled back.
+    """
+    base = target.module_base()
+    patches = _order([p for p in plan.patches() if p.scope in scopes] + list(extra or []))
+    pending: list[tuple[Patch, bytes]] = []
+    entries: list[Entry] = []
+    conflicts: list[str] = []
+    for p in patches:
+        try:
+            cur = _read(target, base + p.rva, len(p.original))
+        except TargetReadError as e:
+            raise TargetReadError(f"{e} (RVA {p.rva:#x}; a paged-out page? `.pagein` it and retry)") from e
+        if cur == p.replacement:
+            entries.append(Entry(p.rva, p.original, p.replacement, p.what))
+        elif cur == p.original or p.resident_match(cur):
+            pending.append((p, cur))
+            entries.append(Entry(p.rva, cur, p.replacement, p.what))
+        else:
+            conflicts.append(f"{p.rva:#x}: found {cur.hex()}, plan expects {p.original.hex()}")
+    if conflicts:
+        more = f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""
+        raise PatchConflictError(
+            f"{plan.driver.name}: bytes differ from the plan at {'; '.join(conflicts[:3])}{more}; nothing written "
+            "(another build of the driver, or patched by someone else?)"
+        )
+    doc = _journal_doc(plan, target, base, entries, journal)
+    if not pending:
+        if not journal.exists():
+            doc["state"] = "applied"
+            doc["note"] = "every patch was already in place; originals taken from the plan"
+            write_journal(journal, doc)
+        return Outcome(0, len(patches), journal)
+    write_journal(journal, doc)  # before the first write: a crash from here on can always be reverted
+    written: list[tuple[Patch, bytes]] = []
+    try:
+        for p, cur in pending:
+            va = base + p.rva
+            target.write(va, p.replacement)
+            written.append((p, cur))
+            back = _read(target, va, len(p.replacement))
+            if back != p.replacement:
+                raise TargetWriteError(f"read-back at {va:#x} gives {back.hex()}, wrote {p.replacement.hex()}")
+    except Exception as e:
+        _rollback(target, base, written)
+        doc["state"] = "rolled-back"
+        doc["error"] = str(e)
+        write_journal(journal, doc)
+        if isinstance(e, TargetError):
+            raise
+        raise TargetWriteError(f"write failed: {e}") from e
+    doc["state"] = "applied"
+    doc["applied"] = _now()
+    write_journal(journal, doc)
+    return Outcome(len(pending), len(patches) - len(pending), journal)
+
+
+def _rollback(target: Target, base: int, written: list[tuple[Patch, bytes]]) -> None:
+    for p, cur in reversed(written):
+        try:
+            target.write(base + p.rva, cur)
+        except Exception:  # noqa: S110 - best effort; the journal still holds the originals for `revert`
+            pass
+
+
+def _journal_doc(plan: Plan, target: Target, base: int, entries: list[Entry], path: Path) -> dict[str, Any]:
+    previous: dict[int, bytes] = {}
+    if path.exists():
+        try:
+            old = read_journal(path)
+            if old.get("plan_sha256") == digest(plan):
+                previous = {e.rva: e.original for e in journal_entries(old)}
+        except (PlanError, InputError):
+            pass
+    return {
+        "tool": "tagsplit-journal",
+        "schema": JOURNAL_SCHEMA,
+        "state": "started",
+        "started": _now(),
+        "plan_sha256": digest(plan),
+        "driver": {"name": plan.driver.name, "sha256": plan.driver.sha256},
+        "module": plan.module,
+        "target": target.name,
+        "module_base": f"{base:#x}",
+        "entries": [
+            {
+                "rva": f"{e.rva:#x}",
+                "va": f"{base + e.rva:#x}",
+                # an earlier journal of the same plan knows the true originals of ranges already patched
+                "original": previous.get(e.rva, e.original).hex(),
+                "replacement": e.replacement.hex(),
+                "what": e.what,
+            }
+            for e in entries
+        ],
+    }
+
+
+def revert(journal: Path, target: Target) -> Outcome:
+    """Restore every journalled range to its original bytes. Verifies all ranges before writing any.
+
+    Raises:
+        PatchConflictError: a range holds neither its original nor its replacement bytes; nothing written.
+    """
+    doc = read_journal(journal)
+    entries = journal_entries(doc)
+    base = target.module_base()
+    todo: list[Entry] = []
+    conflicts: list[str] = []
+    for e in entries:
+        cur = _read(target, base + e.rva, len(e.original))
+        if cur == e.original:
+            continue
+        if cur == e.replacement:
+            todo.append(e)
+        else:
+            conflicts.append(f"{e.rva:#x}: found {cur.hex()}")
+    if conflicts:
+        raise PatchConflictError(
+            f"cannot revert: bytes changed since apply at {'; '.join(conflicts[:3])}; nothing written"
+        )
+    done: list[Entry] = []
+    try:
+        # Calls back to the allocator first, stubs last: nothing may jump into a stub being erased.
+        for e in sorted(todo, key=lambda e: (e.what.startswith("stub"), e.rva)):
+            target.write(base + e.rva, e.original)
+            done.append(e)
+            if _read(target, base + e.rva, len(e.original)) != e.original:
+                raise TargetWriteError(f"read-back after revert at {base + e.rva:#x} differs")
+    except Exception as err:
+        for e in reversed(done):
+            try:
+                target.write(base + e.rva, e.replacement)
+            except Exception:  # noqa: S110 - best effort; the journal is unchanged, revert can be retried
+                pass
+        if isinstance(err, TargetError):
+            raise
+        raise TargetWriteError(f"revert failed: {err}") from err
+    doc["state"] = "reverted"
+    doc["reverted"] = _now()
+    write_journal(journal, doc)
+    return Outcome(len(todo), len(entries) - len(todo), journal)

@@ -1,0 +1,106 @@
+"""The patched-file backend: a copy of the driver file, patched in memory and written out once, atomically."""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pefile
+
+from ..errors import InputError, TargetReadError, TargetWriteError
+from ..image import Image
+
+
+class PatchedFile:
+    """A Target over a copy of a driver file; addresses are the preferred ImageBase plus an RVA.
+
+    Nothing touches the disk until `commit`, which recomputes the PE checksum and replaces the output file by
+    renaming a fully written temporary file, so the output is never half-written.
+    """
+
+    name = "file"
+
+    def __init__(self, image: Image, data: bytes) -> None:
+        if image.mapped:
+            raise InputError("a patched file is made from the driver file, not from a memory image")
+        self.image = image
+        self.buf = bytearray(data)
+
+    @classmethod
+    def open(cls, image: Image, path: Optional[str | Path] = None) -> PatchedFile:
+        p = Path(path or image.path)
+        try:
+            return cls(image, p.read_bytes())
+        except OSError as e:
+            raise InputError(f"{p}: cannot read: {e.strerror or e}") from e
+
+    def module_base(self) -> int:
+        return self.image.preferred_base
+
+    def _offset(self, va: int, size: int) -> int:
+        rva = va - self.image.preferred_base
+        if rva < 0:
+            raise TargetReadError(f"address {va:#x} is below the image")
+        hdr_end = self.image.sections[0].raw_offset if self.image.sections else 0
+        if rva + size <= hdr_end:
+            return rva  # headers: file offset equals RVA
+        off = self.image.rva_to_offset(rva)
+        if off is None or self.image.rva_to_offset(rva + size - 1) != off + size - 1:
+            raise TargetReadError(f"RVA {rva:#x}..{rva + size:#x} has no bytes in the file")
+        return off
+
+    def read(self, va: int, size: int) -> bytes:
+        off = self._offset(va, size)
+        return bytes(self.buf[off : off + size])
+
+    def write(self, va: int, data: bytes) -> None:
+        try:
+            off = self._offset(va, len(data))
+        except TargetReadError as e:
+            raise TargetWriteError(str(e)) from e
+        self.buf[off : off + len(data)] = data
+
+    def checksum_field(self) -> tuple[int, bytes, bytes]:
+        """(RVA, current bytes, bytes after recomputing) of OptionalHeader.CheckSum for the patched buffer."""
+        pe_off = struct.unpack_from("<I", self.buf, 0x3C)[0]
+        at = pe_off + 24 + 64
+        cur = bytes(self.buf[at : at + 4])
+        pe = pefile.PE(data=bytes(self.buf), fast_load=True)
+        try:
+            value = pe.generate_checksum()
+        finally:
+            pe.close()
+        return at, cur, struct.pack("<I", value)
+
+    def commit(self, out: str | Path) -> Path:
+        out = Path(out)
+        src = Path(self.image.path).resolve()
+        if out.resolve() == src:
+            raise InputError(f"{out}: refusing to overwrite the input driver; choose another output file")
+        if not out.parent.is_dir():
+            raise InputError(f"{out.parent}: no such folder")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=str(out.parent))
+        except OSError as e:
+            raise InputError(f"{out}: cannot write there: {e.strerror or e}") from e
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.buf)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise InputError(f"{out}: cannot write: {e.strerror or e}") from e
+        return out
+
+
+class ExistingFile(PatchedFile):
+    """An already patched output file, for `revert`: changes are committed back to the same path."""
+
+    def __init__(self, image: Image, data: bytes, path: Path) -> None:
+        super().__init__(image, data)
+        self.path = path
