@@ -29,6 +29,7 @@ class PoolApi:
     tag_x86: Optional[int]
     arg_bytes_x86: int  # what the stdcall callee pops
     tagged_equivalent: Optional[str] = None  # the tagged routine with the same other arguments
+    nargs: int = 3
 
     @property
     def tagged(self) -> bool:
@@ -43,19 +44,19 @@ _NT = "ntoskrnl.exe"
 POOL_APIS: tuple[PoolApi, ...] = (
     PoolApi("ExAllocatePoolWithTag", ALLOC, _NT, "r8", 0x8, 12),
     PoolApi("ExAllocatePoolWithQuotaTag", ALLOC, _NT, "r8", 0x8, 12),
-    PoolApi("ExAllocatePoolWithTagPriority", ALLOC, _NT, "r8", 0x8, 16),
+    PoolApi("ExAllocatePoolWithTagPriority", ALLOC, _NT, "r8", 0x8, 16, nargs=4),
     PoolApi("ExAllocatePool2", ALLOC, _NT, "r8", 0xC, 16),
-    PoolApi("ExAllocatePool3", ALLOC, _NT, "r8", 0xC, 24),
-    PoolApi("ExAllocatePool", ALLOC, _NT, None, None, 8, tagged_equivalent="ExAllocatePoolWithTag"),
-    PoolApi("ExAllocatePoolWithQuota", ALLOC, _NT, None, None, 8, tagged_equivalent="ExAllocatePoolWithQuotaTag"),
-    PoolApi("ExFreePoolWithTag", FREE, _NT, "rdx", 0x4, 8),
-    PoolApi("ExFreePool2", FREE, _NT, "rdx", 0x4, 16),
-    PoolApi("ExFreePool", FREE, _NT, None, None, 4),
-    PoolApi("ExInitializeNPagedLookasideList", LOOKASIDE, _NT, 0x28, 0x14, 28),
-    PoolApi("ExInitializePagedLookasideList", LOOKASIDE, _NT, 0x28, 0x14, 28),
-    PoolApi("ExInitializeLookasideListEx", LOOKASIDE, _NT, 0x30, 0x18, 32),
-    PoolApi("NdisAllocateMemoryWithTagPriority", ALLOC, "ndis.sys", "r8", 0x8, 16),
-    PoolApi("FltAllocatePoolAlignedWithTag", ALLOC, "fltmgr.sys", "r9", 0xC, 16),
+    PoolApi("ExAllocatePool3", ALLOC, _NT, "r8", 0xC, 24, nargs=5),
+    PoolApi("ExAllocatePool", ALLOC, _NT, None, None, 8, tagged_equivalent="ExAllocatePoolWithTag", nargs=2),
+    PoolApi("ExAllocatePoolWithQuota", ALLOC, _NT, None, None, 8, tagged_equivalent="ExAllocatePoolWithQuotaTag", nargs=2),
+    PoolApi("ExFreePoolWithTag", FREE, _NT, "rdx", 0x4, 8, nargs=2),
+    PoolApi("ExFreePool2", FREE, _NT, "rdx", 0x4, 16, nargs=4),
+    PoolApi("ExFreePool", FREE, _NT, None, None, 4, nargs=1),
+    PoolApi("ExInitializeNPagedLookasideList", LOOKASIDE, _NT, 0x28, 0x14, 28, nargs=7),
+    PoolApi("ExInitializePagedLookasideList", LOOKASIDE, _NT, 0x28, 0x14, 28, nargs=7),
+    PoolApi("ExInitializeLookasideListEx", LOOKASIDE, _NT, 0x30, 0x18, 32, nargs=8),
+    PoolApi("NdisAllocateMemoryWithTagPriority", ALLOC, "ndis.sys", "r8", 0x8, 16, nargs=4),
+    PoolApi("FltAllocatePoolAlignedWithTag", ALLOC, "fltmgr.sys", "r9", 0xC, 16, nargs=4),
 )
 
 BY_NAME: dict[str, PoolApi] = {api.name: api for api in POOL_APIS}

@@ -137,7 +137,70 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--base", type=_int, help="with --mapped: the address the image was loaded at")
     scan.add_argument("--imports-from", metavar="DRIVER", help="with --mapped: take import names from this file")
     scan.set_defaults(func=cmd_scan)
+
+    from . import commands
+    from .plan.make import SPLITS
+
+    plan = sub.add_parser(
+        "plan",
+        help="give each site of the suspect tag its own new tag; writes a reviewable plan (changes nothing)",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("driver", help="the driver file")
+    plan.add_argument("--tag", action="append", type=_tag, default=[], help="suspect tag (repeatable)")
+    plan.add_argument("--all-tags", action="store_true", help="split every constant tag the driver uses")
+    plan.add_argument("-o", "--output", help="plan file (default: patches/<driver>.<tag>.plan.json)")
+    plan.add_argument("--prefix", help="two characters the new tags start with (default: the old tag's first two)")
+    plan.add_argument("--avoid", action="append", default=[], metavar="FILE",
+                      help="tags not to use: pooltag.txt, saved !poolused/PoolMon output, another plan")
+    plan.add_argument("--split", action="append", default=[], choices=SPLITS,
+                      help="shared: one stub per site where one constant feeds several; untagged: ExAllocatePool "
+                           "sites too; frees: set the tag of frees that pass the old tag to 0")
+    plan.set_defaults(func=commands.cmd_plan)
+
+    apply_p = sub.add_parser("apply", help="write a plan: patched file, WinDbg script, or live kernel (pykd)",
+                             epilog=APPLY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    apply_p.add_argument("plan")
+    apply_p.add_argument("--to-file", metavar="OUT.sys", help="write a patched copy of the driver")
+    apply_p.add_argument("--windbg-script", metavar="OUT.txt", help="write a WinDbg command script (and its revert)")
+    apply_p.add_argument("--live", action="store_true", help="patch resident memory (inside WinDbg/KD via pykd)")
+    apply_p.add_argument("--driver", help="the driver file, if not where the plan says")
+    apply_p.add_argument("--journal", help="journal file (default: next to the output or the plan)")
+    apply_p.add_argument("--allow-local", action="store_true", help="allow local kernel debugging (lkd); unsafe")
+    apply_p.set_defaults(func=commands.cmd_apply)
+
+    revert = sub.add_parser("revert", help="restore the original bytes recorded in an apply journal")
+    revert.add_argument("journal")
+    revert.add_argument("--file", help="the patched file, if it moved")
+    revert.set_defaults(func=commands.cmd_revert)
+
+    verify = sub.add_parser("verify", help="run every patched site in an emulator and check its new tag")
+    verify.add_argument("plan")
+    verify.add_argument("--driver", help="the driver file, if not where the plan says")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=commands.cmd_verify)
     return parser
+
+
+PLAN_EPILOG = textwrap.dedent(
+    """\
+    examples:
+      tagsplit plan mydrv.sys --tag Leak                 one new tag per site: Le01, Le02, ...
+      tagsplit plan mydrv.sys --tag Leak --split shared  also split sites that share one constant (stubs)
+      tagsplit plan mydrv.sys --tag Leak --avoid pooltag.txt --avoid poolused.log
+    then: tagsplit verify PLAN, and tagsplit apply PLAN --live | --windbg-script OUT.txt | --to-file OUT.sys
+    """
+)
+APPLY_EPILOG = textwrap.dedent(
+    """\
+    examples:
+      !py -3.9 -m tagsplit.live apply plan.json       inside WinDbg/KD, broken in (same as apply --live)
+      tagsplit apply plan.json --windbg-script split.txt   then `$$><split.txt` in WinDbg; split.revert.txt undoes it
+      tagsplit apply plan.json --to-file mydrv.split.sys   a patched copy (test-sign it to load it)
+      tagsplit revert mydrv.split.sys.journal.json
+    """
+)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

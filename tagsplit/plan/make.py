@@ -115,8 +115,24 @@ class Planner:
                     new_tags[x.rva] = t
 
         plans: list[SitePlan] = []
+        by_rva = {s.rva: s for s in self.scan.sites}
+        riding: set[int] = set()
         for u in units:
-            plans.extend(self._plan_unit(u, new_tags[u[0].rva]))
+            unit_plans = self._plan_unit(u, new_tags[u[0].rva])
+            plans.extend(unit_plans)
+            if len(u) > 1 and unit_plans and unit_plans[0].strategy == model.IMM:
+                # other sites fed by the edited constant (typically the matching frees) change with it
+                members = {x.rva for x in u}
+                for r in u[0].shared_with:
+                    if r not in members and r in by_rva:
+                        other = by_rva[r]
+                        riding.add(r)
+                        plans.append(self._site_plan(
+                            other, new_tags[u[0].rva], model.IMM,
+                            f"its tag comes from the constant edited for site {u[0].rva:#x}, so it changes with it"
+                            + (" (a free with the new tag: consistent)" if other.role == apis.FREE else ""),
+                            (), tuple(sorted(members))))
+        frees = [s for s in frees if s.rva not in riding]
         free_plans: list[SitePlan] = []
         if "frees" in self.options.split:
             plans.extend(self._plan_free(s) for s in frees)

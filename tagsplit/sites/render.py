@@ -99,6 +99,8 @@ def document(scans: list[DriverScan], errors: Optional[list[dict[str, str]]] = N
 def _tag_label(value: Optional[int]) -> str:
     if value is None:
         return "(no constant tag)"
+    if value == 0:
+        return "0 (frees with tag 0: no tag check)"
     shown = tags.display(value)
     protected = " protected" if value & tags.PROTECTED_POOL else ""
     return f"'{shown}' ({tags.hex_value(value)}{protected})"

@@ -64,13 +64,13 @@ def read_journal(path: Path) -> dict[str, Any]:
     entries = doc.get("entries")
     if not isinstance(entries, list):
         raise PlanError(f"{path}: journal has no entries")
-    for e in entries:
+    for entry in entries:
         try:
-            int(e["rva"], 16)
-            if len(bytes.fromhex(e["original"])) != len(bytes.fromhex(e["replacement"])):
+            int(entry["rva"], 16)
+            if len(bytes.fromhex(entry["original"])) != len(bytes.fromhex(entry["replacement"])):
                 raise ValueError("length")
         except (KeyError, TypeError, ValueError) as err:
-            raise PlanError(f"{path}: corrupt journal entry {e!r}") from err
+            raise PlanError(f"{path}: corrupt journal entry {entry!r}") from err
     return doc
 
 
@@ -147,16 +147,21 @@ def apply(
     try:
         for p, cur in pending:
             va = base + p.rva
-            target.write(va, p.replacement)
+            # Recorded before the write: a write that fails half-way (torn) must be rolled back too.
             written.append((p, cur))
+            target.write(va, p.replacement)
             back = _read(target, va, len(p.replacement))
             if back != p.replacement:
                 raise TargetWriteError(f"read-back at {va:#x} gives {back.hex()}, wrote {p.replacement.hex()}")
     except Exception as e:
-        _rollback(target, base, written)
-        doc["state"] = "rolled-back"
+        failed = _rollback(target, base, written)
+        doc["state"] = "rolled-back" if not failed else "rollback-incomplete"
         doc["error"] = str(e)
         write_journal(journal, doc)
+        if failed:
+            raise TargetWriteError(
+                f"{e}; rolling back failed at RVA {', '.join(failed)}: run revert with the journal {journal}"
+            ) from e
         if isinstance(e, TargetError):
             raise
         raise TargetWriteError(f"write failed: {e}") from e
@@ -166,12 +171,17 @@ def apply(
     return Outcome(len(pending), len(patches) - len(pending), journal)
 
 
-def _rollback(target: Target, base: int, written: list[tuple[Patch, bytes]]) -> None:
+def _rollback(target: Target, base: int, written: list[tuple[Patch, bytes]]) -> list[str]:
+    """Put back what each range held; returns the RVAs that could not be restored (verified by reading back)."""
+    failed: list[str] = []
     for p, cur in reversed(written):
         try:
             target.write(base + p.rva, cur)
-        except Exception:  # noqa: S110 - best effort; the journal still holds the originals for `revert`
-            pass
+            if _read(target, base + p.rva, len(cur)) != cur:
+                failed.append(f"{p.rva:#x}")
+        except Exception:  # best effort; the journal still holds the originals for `revert`
+            failed.append(f"{p.rva:#x}")
+    return failed
 
 
 def _journal_doc(plan: Plan, target: Target, base: int, entries: list[Entry], path: Path) -> dict[str, Any]:
@@ -207,6 +217,12 @@ def _journal_doc(plan: Plan, target: Target, base: int, entries: list[Entry], pa
     }
 
 
+def _torn(cur: bytes, e: Entry) -> bool:
+    """A range left half-written by a crash in the middle of a write: every byte is the original's or the
+    replacement's. Only tagsplit could have produced it, so restoring the original is safe."""
+    return len(cur) == len(e.original) and all(c in (o, r) for c, o, r in zip(cur, e.original, e.replacement))
+
+
 def revert(journal: Path, target: Target) -> Outcome:
     """Restore every journalled range to its original bytes. Verifies all ranges before writing any.
 
@@ -219,10 +235,13 @@ def revert(journal: Path, target: Target) -> Outcome:
     todo: list[Entry] = []
     conflicts: list[str] = []
     for e in entries:
-        cur = _read(target, base + e.rva, len(e.original))
+        try:
+            cur = _read(target, base + e.rva, len(e.original))
+        except TargetReadError as err:
+            raise TargetReadError(f"{err} (RVA {e.rva:#x}; a paged-out page? `.pagein` it and retry)") from err
         if cur == e.original:
             continue
-        if cur == e.replacement:
+        if cur == e.replacement or _torn(cur, e):
             todo.append(e)
         else:
             conflicts.append(f"{e.rva:#x}: found {cur.hex()}")
@@ -234,8 +253,8 @@ def revert(journal: Path, target: Target) -> Outcome:
     try:
         # Calls back to the allocator first, stubs last: nothing may jump into a stub being erased.
         for e in sorted(todo, key=lambda e: (e.what.startswith("stub"), e.rva)):
+            done.append(e)  # before the write: a torn restore is put back to the replacement on failure
             target.write(base + e.rva, e.original)
-            done.append(e)
             if _read(target, base + e.rva, len(e.original)) != e.original:
                 raise TargetWriteError(f"read-back after revert at {base + e.rva:#x} differs")
     except Exception as err:

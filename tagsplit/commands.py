@@ -1,0 +1,235 @@
+"""The `plan`, `apply`, `revert` and `verify` commands: glue between the CLI and the pipeline stages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import tags
+from .errors import InputError, PlanError, TagsplitError, UsageError
+from .image import Image, load
+from .plan import model as pm
+from .plan.model import CODE, FILE_ONLY, Patch, Plan
+
+
+def _driver_for(plan: Plan, plan_path: Path, override: Optional[str]) -> tuple[Image, bytes]:
+    """The driver file the plan was made from, found and checked by its sha256."""
+    candidates = [Path(override)] if override else [Path(plan.driver.path), plan_path.parent / plan.driver.name,
+                                                     plan_path.parent / Path(plan.driver.path).name]
+    for c in candidates:
+        if c.is_file():
+            data = c.read_bytes()
+            image = load(c)
+            if image.sha256 != plan.driver.sha256:
+                raise PlanError(
+                    f"{c} is not the build the plan was made for (sha256 {image.sha256[:12]}…, plan "
+                    f"{plan.driver.sha256[:12]}…); make a new plan for this driver"
+                )
+            return image, data
+    if override:
+        raise InputError(f"{override}: no such driver file")
+    raise InputError(f"cannot find {plan.driver.name} (looked at {plan.driver.path}); give it with --driver")
+
+
+def _default_plan_path(image: Image, values: list[int]) -> Path:
+    stem = Path(image.path).stem
+    label = "all" if len(values) > 3 else "-".join(
+        "".join(c if c.isalnum() else "_" for c in tags.display(v)) for v in values
+    )
+    return Path("patches") / f"{stem}.{label}.plan.json"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan.make import Options, describe, make_plan
+    from .plan.newtags import Avoid, read_avoid_file
+    from .sites import scan_image
+
+    image = load(args.driver)
+    scan = scan_image(image)
+    values = list(args.tag)
+    if args.all_tags:
+        values += sorted({s.tag_value for s in scan.sites if s.tag_value and s.role != "free"
+                          and tags.printable(s.tag_value)})
+    if not values and "untagged" not in args.split:
+        raise UsageError("give the suspect tag with --tag TAG (or --all-tags)")
+    avoid = Avoid()
+    for f in args.avoid:
+        read_avoid_file(f, avoid)
+    out = Path(args.output) if args.output else _default_plan_path(image, values)
+    _check_writable(out)
+    plan = make_plan(image, scan, Options(tuple(dict.fromkeys(values)), args.prefix, avoid, frozenset(args.split)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, pm.dumps(plan))
+    pooltag = out.with_name(out.name.replace(".plan.json", "") + ".pooltag.txt")
+    _atomic_write(pooltag, "\n".join(describe(plan)) + "\n")
+    print(render_plan(plan))
+    print(f"plan written to {out}; pooltag.txt lines for the new tags in {pooltag}")
+    return 0 if any(s.strategy != pm.REFUSED for s in plan.sites) else 1
+
+
+def render_plan(plan: Plan) -> str:
+    lines = [f"{plan.driver.name} ({plan.driver.arch}): {len(plan.sites)} sites"]
+    lines.append(f"  {'RVA':>8}  {'function':<22} {'API':<30} {'old':<6} {'new':<6} {'strategy':<9} reason")
+    for s in plan.sites:
+        old = tags.display(s.old_tag) if s.old_tag else "-"
+        new = tags.display(s.new_tag) if s.new_tag else ("0" if s.new_tag == 0 else "-")
+        fn = (s.function or "?")[:22]
+        lines.append(f"  {s.rva:#8x}  {fn:<22} {s.api[:30]:<30} {old:<6} {new:<6} {s.strategy:<9} {s.reason}")
+        if s.stub_rva is not None:
+            lines.append(f"  {'':8}  stub at {s.stub_rva:#x}: {'; '.join(s.stub_text)}")
+    for s in plan.free_sites:
+        lines.append(f"  {s.rva:#8x}  {(s.function or '?')[:22]:<22} {s.api[:30]:<30} frees the old tag: {s.reason}")
+    return "\n".join(lines)
+
+
+def _check_writable(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{parent}: not a folder")
+    probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise InputError(f"{out}: cannot write there (permission denied)")
+    if out.exists() and (out.is_dir() or not os.access(out, os.W_OK)):
+        raise InputError(f"{out}: cannot overwrite")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write: {e.strerror or e}") from e
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    plan_path = Path(args.plan)
+    plan = pm.load(plan_path)
+    modes = [m for m in (args.to_file, args.windbg_script, args.live) if m]
+    if len(modes) != 1:
+        raise UsageError("choose one of --to-file OUT.sys, --windbg-script OUT.txt, --live")
+    if args.live:
+        from .live import apply_live
+
+        journal = Path(args.journal) if args.journal else None
+        return apply_live(plan_path, journal, allow_local=args.allow_local)
+    image, data = _driver_for(plan, plan_path, args.driver)
+    if args.windbg_script:
+        from .targets.script import render_apply, render_revert
+
+        out = Path(args.windbg_script)
+        _check_writable(out)
+        revert = out.with_name(out.stem + ".revert" + (out.suffix or ".txt"))
+        _atomic_write(out, render_apply(plan))
+        _atomic_write(revert, render_revert(plan))
+        print(f"WinDbg script written to {out} (run it with `$$><{out}` while broken in); revert with {revert}")
+        return 0
+    from .targets.apply import apply
+    from .targets.file import PatchedFile
+
+    out = Path(args.to_file)
+    if out.resolve() == Path(image.path).resolve():
+        raise InputError(f"{out}: refusing to overwrite the input driver; choose another output file")
+    _check_writable(out)
+    target = PatchedFile(image, data)
+    checksum = _checksum_patch(plan, image, data)
+    journal = Path(args.journal) if args.journal else out.with_name(out.name + ".journal.json")
+    outcome = apply(plan, target, journal, scopes=(CODE, FILE_ONLY), extra=[checksum])
+    _annotate_journal(journal, out, image)
+    target.commit(out)
+    print(f"{out}: {outcome.written} patches written ({outcome.already} already in place), checksum "
+          f"{int.from_bytes(checksum.replacement, 'little'):#x}; journal {journal}")
+    print("to load it: test-sign it (see README, 'Loading a patched driver')")
+    return 0
+
+
+def _checksum_patch(plan: Plan, image: Image, data: bytes) -> Patch:
+    from .emu.verify import patched_file_bytes
+    from .targets.file import PatchedFile
+
+    final = PatchedFile(image, patched_file_bytes(plan, image, data))
+    at, _, new = final.checksum_field()
+    return Patch(at, data[at : at + 4], new, "PE checksum recomputed", (), FILE_ONLY)
+
+
+def _annotate_journal(journal: Path, out: Path, image: Image) -> None:
+    from .targets.apply import read_journal, write_journal
+
+    doc = read_journal(journal)
+    doc["output"] = str(out.resolve())
+    doc["input"] = str(Path(image.path).resolve())
+    write_journal(journal, doc)
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    from .targets.apply import read_journal, revert
+
+    journal = Path(args.journal)
+    doc = read_journal(journal)
+    kind = doc.get("target")
+    if kind == "file":
+        from .targets.file import PatchedFile
+
+        out = Path(args.file or doc.get("output", ""))
+        if not out.is_file():
+            raise InputError(f"{out}: the patched file is not there; nothing to revert")
+        image = load(out)
+        target = PatchedFile(image, out.read_bytes())
+        target.image = image
+        outcome = revert(journal, target)
+        _commit_in_place(target, out)
+        print(f"{out}: {outcome.written} ranges restored ({outcome.already} were already original)")
+        return 0
+    if kind in ("pykd", "emu"):
+        from .live import revert_live
+
+        return revert_live(journal)
+    raise PlanError(f"{journal}: journal of target {kind!r}; a WinDbg script is reverted with its .revert script")
+
+
+def _commit_in_place(target: object, out: Path) -> None:
+    import tempfile
+
+    buf = getattr(target, "buf")  # noqa: B009 - PatchedFile's buffer
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=str(out.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"{out}: cannot write: {e.strerror or e}") from e
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .emu.verify import verify
+
+    plan_path = Path(args.plan)
+    plan = pm.load(plan_path)
+    image, data = _driver_for(plan, plan_path, args.driver)
+    checks = verify(plan, image, data)
+    bad = [c for c in checks if not c.ok]
+    if args.json:
+        print(json.dumps({"ok": not bad, "checks": [
+            {"rva": None if c.rva < 0 else f"{c.rva:#x}", "ok": c.ok, "detail": c.detail} for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            where = "plan" if c.rva < 0 else f"{c.rva:#x}"
+            print(f"  {'ok  ' if c.ok else 'FAIL'} {where:>8}  {c.detail}")
+        print(f"{plan.driver.name}: {len(checks) - len(bad)} of {len(checks)} checks passed"
+              + ("" if not bad else "; do not apply this plan"))
+    return 0 if not bad else 1
+
+
+def run(func: object, args: argparse.Namespace) -> int:
+    try:
+        return func(args)  # type: ignore[operator,no-any-return]
+    except TagsplitError as e:
+        print(f"tagsplit: error: {e}", file=sys.stderr)
+        return e.exit_code
