@@ -76,7 +76,8 @@ def _tag_slot(api: apis.PoolApi, arch: str) -> Optional[tuple[str, int]]:
 
 
 def _observe(
-    machine: Machine, start: int, site: CallSite, site_end: int, seed: int, forced: Optional[dict[int, int]] = None
+    machine: Machine, start: int, site: CallSite, site_end: int, seed: int, forced: Optional[dict[int, int]] = None,
+    entry: Optional[int] = None,
 ) -> Optional[Observed]:
     """Run from `start`; the first pool call made after execution reaches the site is the site's call.
 
@@ -86,7 +87,8 @@ def _observe(
     machine.calls.clear()
     machine.prepare(seed)
     state = {"at_site": 0, "hit": 0}
-    site_va = machine.base + site.rva
+    entry = site.rva if entry is None else entry
+    site_va = machine.base + entry
     hooks = []
 
     def on_branch(uc: unicorn.Uc, address: int, size: int, data: object) -> None:
@@ -298,10 +300,13 @@ def _check_site(
     api: apis.PoolApi, arch: str,
 ) -> Check:
     site_end = site.rva + site.size
+    entry = site.rva
     if sp is not None:
         for p in sp.patches:
-            if p.rva == site.rva:
-                site_end = max(site_end, p.end)  # a redirect may cover the 5-byte NOP after the call too
+            if p.rva <= site.rva < p.end:
+                # a redirect may also cover the 5-byte NOP after the call, or instructions moved into the stub
+                site_end = max(site_end, p.end)
+                entry = p.rva
     ts = site.tag_source
     in_place = ts.kind == sm.IMM and ts.value is not None
     attempts: list[tuple[int, int, Optional[dict[int, int]]]] = [
@@ -314,10 +319,12 @@ def _check_site(
     for start, seed, forced in attempts:
         if in_place and ts.rva is not None and start > ts.rva and ts.rva < site.rva:
             continue  # the constant must be set by the run itself
-        a = _observe(orig, start, site, site_end, seed, forced)
+        if start > entry and start <= site.rva:
+            start = entry
+        a = _observe(orig, start, site, site_end, seed, forced, entry)
         if a is None or (in_place and a.tag != (ts.value or 0) & 0xFFFFFFFF):
             continue
-        b = _observe(patched, start, site, site_end, seed, forced)
+        b = _observe(patched, start, site, site_end, seed, forced, entry)
         if b is None:
             return Check(site.rva, False, f"from {start:#x} the patched code never came back to {site_end:#x}")
         if sp is None:

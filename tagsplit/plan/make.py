@@ -12,6 +12,7 @@ The stub is entered with exactly the routine's own entry layout (a `call` pushed
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,6 +48,86 @@ class Options:
 
 class _Refused(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _Shape:
+    rva: int  # first byte the redirect replaces
+    replaced: bytes
+    alternatives: tuple[str, ...]
+    kind: str  # "call" or "tail"
+    thunk: Optional[int] = None
+    displaced_insns: tuple[object, ...] = ()  # sites.semantics.Insn, moved into the stub
+    displaced_text: tuple[str, ...] = ()
+    jump_reg: Optional[str] = None
+
+    @property
+    def displaced(self) -> bool:
+        return bool(self.displaced_insns)
+
+
+def _nops(n: int) -> bytes:
+    out = b""
+    while n > 0:
+        step = 7 if n >= 7 else (2 if n >= 2 else 1)
+        out += _NOP[step]
+        n -= step
+    return out
+
+
+def _movable(insn: object, arch: str) -> bool:
+    """An instruction a stub can execute instead: not a branch, not a push/pop (the stub runs one return address
+    deeper), and stack or RIP-relative operands only inside a plain memory operand (re-encoded by `_moved`)."""
+    mn = getattr(insn, "mnemonic", "")
+    ops = getattr(insn, "op_str", "")
+    if mn.startswith(("j", "call", "ret", "push", "pop", "loop", "enter", "leave", "int", "lea")):
+        return False
+    regs = [t for t in re.split(r"[^a-z0-9]+", ops.replace("ptr", "")) if t]
+    if any(r in ("rsp", "esp", "sp", "spl") for r in regs) and not re.search(r"\[(rsp|esp)( [+-] 0x[0-9a-f]+| [+-] \d+)?\]", ops):
+        return False
+    return "rip" not in regs or bool(re.search(r"\[rip [+-] 0x[0-9a-f]+\]", ops))
+
+
+def _moved(insn: object, arch: str, at: int) -> bytes:
+    """`insn` re-encoded to run at `at` inside a stub entered by a call: stack offsets one pointer further,
+    RIP-relative displacements re-aimed at the same target."""
+    raw: bytes = getattr(insn, "raw")  # noqa: B009
+    rva: int = getattr(insn, "rva")  # noqa: B009
+    text = f"{getattr(insn, 'mnemonic')} {getattr(insn, 'op_str')}"  # noqa: B009
+    ptr = 8 if arch == "x64" else 4
+    m = re.search(r"\[(rsp|esp)(?: ([+-]) (0x[0-9a-f]+|\d+))?\]", text)
+    if m:
+        d = int(m.group(3), 0) if m.group(3) else 0
+        d = -d if m.group(2) == "-" else d
+        text = text[: m.start()] + f"[{m.group(1)} + {d + ptr:#x}]" + text[m.end() :]
+        return assemble(text, arch, at)
+    m = re.search(r"\[rip ([+-]) (0x[0-9a-f]+)\]", text)
+    if m:
+        d = int(m.group(2), 16) * (-1 if m.group(1) == "-" else 1)
+        target = rva + len(raw) + d
+        out = bytearray(raw)
+        disp = target - (at + len(raw))
+        off = len(raw) - 4 - _imm_size(raw, arch, rva)
+        out[off : off + 4] = struct.pack("<i", disp)
+        if disassemble(bytes(out), arch, at)[0].split(" ")[0] != text.split(" ")[0]:
+            raise _Refused(f"cannot re-encode `{text}` for the stub")
+        return bytes(out)
+    return raw
+
+
+def _imm_size(raw: bytes, arch: str, rva: int) -> int:
+    import capstone
+
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if arch == "x64" else capstone.CS_MODE_32)
+    cs.detail = True
+    insn = next(cs.disasm(raw, rva, 1))
+    return len(raw) - insn.disp_offset - 4 if insn.disp_size == 4 else 0
+
+
+def _reg_name(family: str, arch: str) -> str:
+    if arch == "x64":
+        return family
+    return "e" + family[1:]
 
 
 class Planner:
@@ -243,45 +324,87 @@ class Planner:
             target_api = apis.BY_NAME[api.tagged_equivalent]
             if target_api.name not in self.iat:
                 raise _Refused(f"the driver does not import {target_api.name}, which the stub would call")
-        redirect, alts, kind, thunk = self._redirect_shape(site)
-        code, text = self._stub_code(site, api, target_api, new, kind, thunk, cave_rva=0)
+        shape = self._redirect_shape(site)
+        code, text = self._stub_code(site, api, target_api, new, shape, cave_rva=0)
         cave = self.caves.take(len(code))
         if cave is None:
             raise _Refused(f"no code cave of {len(code)} bytes left (only int3 padding and section slack are used)")
-        code, text = self._stub_code(site, api, target_api, new, kind, thunk, cave_rva=cave.rva)
+        code, text = self._stub_code(site, api, target_api, new, shape, cave_rva=cave.rva)
         if cave.kind == "slack":
             self.slack_ends[cave.section] = max(self.slack_ends.get(cave.section, 0), cave.rva + len(code))
         original_cave = self.image.read(cave.rva, len(code))
-        rel = cave.rva - (site.rva + 5)
-        opcode = b"\xe9" if kind == "tail" else b"\xe8"
-        replacement = opcode + struct.pack("<i", rel)
-        replacement += _NOP[len(redirect) - 5] if len(redirect) > 5 else b""
+        rel = cave.rva - (shape.rva + 5)
+        opcode = b"\xe9" if shape.kind == "tail" else b"\xe8"
+        replacement = opcode + struct.pack("<i", rel) + _nops(len(shape.replaced) - 5)
+        what = f"{site.call} call redirected to the stub"
+        if shape.displaced:
+            what += f" (with {len(shape.displaced_text)} displaced instruction(s): {'; '.join(shape.displaced_text)})"
         patches = [
             Patch(cave.rva, original_cave, code, f"stub for site {site.rva:#x} in {cave.kind} of {cave.section}"),
-            Patch(site.rva, redirect, replacement, f"{site.call} call redirected to the stub", alts),
+            Patch(shape.rva, shape.replaced, replacement, what, shape.alternatives),
         ]
-        patches += self._reloc_neutralisation(site.rva, len(redirect))
+        patches += self._reloc_neutralisation(shape.rva, len(shape.replaced))
         return self._site_plan(site, new, model.STUB, why, tuple(patches), stub=(cave, code, text))
 
-    def _redirect_shape(self, site: CallSite) -> tuple[bytes, tuple[str, ...], str, Optional[int]]:
-        """(bytes replaced, resident alternatives, 'call'|'tail', thunk rva) for the site's call instruction."""
+    def _redirect_shape(self, site: CallSite) -> _Shape:
+        """Which bytes the redirect replaces, and how the stub must continue."""
         raw = site.raw
         if site.call == sm.THUNK:
             target = site.rva + 5 + struct.unpack_from("<i", raw, 1)[0]
-            return raw, (), "tail" if raw[0] == 0xE9 else "call", target
+            return _Shape(site.rva, raw, (), "tail" if raw[0] == 0xE9 else "call", thunk=target)
         if site.call == sm.REGISTER_CALL:
-            raise _Refused("a call through a register is too short to redirect to a stub")
+            return self._displaced_shape(site)
         if site.call == sm.TAIL:
-            return raw, self._x86_alt(raw), "tail", None
+            return _Shape(site.rva, raw, self._x86_alt(raw), "tail")
         if len(raw) == 7 and raw[0] == 0x48:
             after = self.image.read(site.rva + 7, 5)
             if after == _ICO_NOP:
                 # import-call-optimisation: in memory the loader may have made it `mov r10,[IAT]; call rel32`
                 alt = "4c8b15" + raw[3:7].hex() + "e8????????"
-                return raw + after, (alt,), "call", None
+                return _Shape(site.rva, raw + after, (alt,), "call")
         if len(raw) == 12 and raw[:3] == b"\x4c\x8b\x15":
             raise _Refused("resident import-call form: make the plan from the driver file")
-        return raw, self._x86_alt(raw), "call", None
+        return _Shape(site.rva, raw, self._x86_alt(raw), "call")
+
+    def _displaced_shape(self, site: CallSite) -> _Shape:
+        """`call reg` is 2-3 bytes: take the instructions just before it into the stub to make room for a call."""
+        from ..sites.flow import FunctionCode
+        from ..sites.semantics import parse_operands
+
+        text = disassemble(site.raw, self.arch, site.rva)
+        ops = parse_operands(text[0].split(" ", 1)[1] if text and " " in text[0] else "")
+        if not ops or ops[0].kind != "reg" or ops[0].reg is None:
+            raise _Refused("an indirect call through memory cannot be redirected")
+        f = self.image.function_at(site.rva)
+        begin = f.rva if f else (site.function_rva or site.rva)
+        ranges = f.ranges if f else ((begin, site.rva + site.size),)
+        code = FunctionCode(self.image.mem, begin, ranges, self._cs())
+        k = code.at(site.rva)
+        if k is None:
+            raise _Refused("the call is not on an instruction boundary of its function")
+        span = [code.insns[k]]
+        j = k
+        while sum(i.size for i in span) < 5:
+            if code.branch_preds.get(j) or j == 0:
+                raise _Refused("a branch lands between the call and the instructions before it; no room to redirect")
+            prev = code.insns[j - 1]
+            if prev.rva + prev.size != code.insns[j].rva or not _movable(prev, self.arch):
+                raise _Refused(f"`{prev.mnemonic} {prev.op_str}` before the register call cannot be moved to a stub")
+            span.insert(0, prev)
+            j -= 1
+        displaced = span[:-1]
+        reg = _reg_name(ops[0].reg, self.arch)
+        start = span[0].rva
+        replaced = b"".join(i.raw for i in span)
+        if self.image.relocated_in(start, len(replaced)):
+            raise _Refused("a relocated field lies in the instructions to displace")
+        return _Shape(start, replaced, (), "call", displaced_insns=tuple(displaced), jump_reg=reg,
+                      displaced_text=tuple(f"{i.mnemonic} {i.op_str}".strip() for i in displaced))
+
+    def _cs(self) -> object:
+        import capstone
+
+        return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if self.arch == "x64" else capstone.CS_MODE_32)
 
     def _x86_alt(self, raw: bytes) -> tuple[str, ...]:
         # x86 `call/jmp [abs32]`: the loader relocates abs32, so resident memory holds another address there.
@@ -304,11 +427,24 @@ class Planner:
         return out
 
     def _stub_code(
-        self, site: CallSite, api: apis.PoolApi, target_api: apis.PoolApi, new: int, kind: str,
-        thunk: Optional[int], cave_rva: int,
+        self, site: CallSite, api: apis.PoolApi, target_api: apis.PoolApi, new: int, shape: _Shape, cave_rva: int,
     ) -> tuple[bytes, tuple[str, ...]]:
+        thunk = shape.thunk
         ptr = self.image.ptr_size
-        lines: list[str] = []
+        lines: list[str] = list(shape.displaced_text)
+        if shape.jump_reg is not None:
+            # displaced instructions, the new tag, then on through the register the call used
+            moved = b""
+            for insn in shape.displaced_insns:
+                moved += _moved(insn, self.arch, cave_rva + len(moved))
+            where = target_api.tag_location(self.arch)
+            sp_name = "rsp" if self.arch == "x64" else "esp"
+            setter = (f"mov {_REG32[where]}, {new:#x}" if isinstance(where, str)
+                      else f"mov dword ptr [{sp_name} + {(where or 0) + ptr:#x}], {new:#x}")
+            tail = assemble(f"{setter}; jmp {shape.jump_reg}", self.arch, cave_rva + len(moved))
+            shown = disassemble(moved, self.arch, cave_rva)
+            return moved + tail, (*shown, setter, f"jmp {shape.jump_reg}")
+        lines = []
         where = target_api.tag_location(self.arch)
         untagged = not api.tagged
         if self.arch == "x64":

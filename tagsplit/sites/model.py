@@ -89,4 +89,5 @@ class DriverScan:
     sites: tuple[CallSite, ...]
     unexplained_tag_bytes: dict[int, tuple[int, ...]] = field(default_factory=dict)  # tag value -> RVAs
     import_thunks: dict[int, bool] = field(default_factory=dict)  # jmp [IAT] stub RVA -> called by any code
+    stubs: dict[int, int] = field(default_factory=dict)  # stub entry RVA -> RVA of its final jump
     warnings: tuple[str, ...] = ()

@@ -85,6 +85,7 @@ def driver_json(scan: DriverScan) -> dict[str, Any]:
             tags.hex_value(v): [_hex(r) for r in rs] for v, rs in sorted(scan.unexplained_tag_bytes.items()) if rs
         },
         "import_thunks": [{"rva": _hex(r), "called": used} for r, used in scan.import_thunks.items()],
+        "stubs": [{"entry": _hex(e), "jump": _hex(j)} for e, j in scan.stubs.items()],
         "warnings": list(scan.warnings),
     }
 

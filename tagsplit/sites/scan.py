@@ -14,8 +14,9 @@ from ..image import Image
 from . import model
 from .flow import FunctionCode
 from .model import CallSite, DriverScan, Instruction, TagSource
-from .refs import JMP_MEM, LOAD, FunctionStarts, Ref, after_padding, direct_branches_to, find_refs
-from .semantics import Context, Insn, Loc, Origin, RegLoc, StackLoc, branch_target, parse_operands
+from .refs import JMP_MEM, LOAD, FunctionStarts, Ref, find_refs
+from .stubs import Stub, find_stubs
+from .semantics import Context, Fork, Insn, Loc, Origin, RegLoc, StackLoc, branch_target, parse_operands, step_back
 
 _X64_REG_OF = {"r8": "r8", "rdx": "rdx", "r9": "r9", "rcx": "rcx"}
 
@@ -35,6 +36,8 @@ class _Scanner:
         self._pops: dict[int, Optional[int]] = {}
         self.notes: list[str] = []
         self.thunks: dict[int, bool] = {}
+        self.stubs: dict[int, Stub] = {}
+        self._stub_insns: dict[int, Insn] = {}
 
     # --- helpers the semantics call back into -------------------------------------------------------------
 
@@ -86,50 +89,26 @@ class _Scanner:
         if not self.pool:
             return []
         refs = find_refs(self.image, set(self.pool))
-        thunks, unused = self._thunks(refs)
-        self.thunks = {**{t: True for t in thunks}, **{t: False for t in unused}}
-        refs = [r for r in refs if r.rva not in unused]
-        by_function: dict[int, tuple[tuple[tuple[int, int], ...], list[Ref]]] = {}
-        thunk_callers: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        if thunks:
-            for src, target, _is_call in direct_branches_to(self.image, set(thunks)):
-                thunk_callers[src].append((src, target))
-        for rva in [r.rva for r in refs if r.rva not in thunks] + list(thunk_callers):
+        stubs, callers, unused = find_stubs(self.image, refs, self.pool, self.cs)
+        self.stubs = stubs
+        stub_insns = {i.rva for st in stubs.values() for i in st.insns}
+        self.thunks = {**{e: True for e, st in stubs.items() if st.is_plain_thunk}, **{t: False for t in unused}}
+        refs = [r for r in refs if r.rva not in unused and r.rva not in stub_insns]
+        by_function: dict[int, tuple[tuple[int, int], ...]] = {}
+        for rva in [r.rva for r in refs] + [src for cs in callers.values() for src, _ in cs]:
             fn = self._function(rva)
             if fn is None:
                 self.notes.append(f"reference at {rva:#x} is outside every function")
                 continue
-            by_function.setdefault(fn[0], (fn[1], []))
+            by_function.setdefault(fn[0], fn[1])
         refs_at = {r.rva: r for r in refs}
         sites: list[CallSite] = []
-        for entry, (ranges, _) in sorted(by_function.items()):
+        for entry, ranges in sorted(by_function.items()):
             code = FunctionCode(self.image.mem, entry, ranges, self.cs)
-            sites.extend(self._sites_in(code, refs_at, thunks))
+            sites.extend(self._sites_in(code, refs_at, stubs))
         return _mark_shared(sites)
 
-    def _thunks(self, refs: list[Ref]) -> tuple[dict[int, PoolApi], set[int]]:
-        """jmp [IAT] stubs (import thunks) that code calls, and those nothing calls; the rest are tail calls."""
-        candidates = {}
-        for r in refs:
-            if r.kind != JMP_MEM:
-                continue
-            f = self.image.function_at(r.rva)
-            # An exported one-jump function is the driver's own wrapper compiled to a tail jump, not a thunk.
-            if (f is None or f.rva == r.rva) and r.rva not in self.image.exports:
-                candidates[r.rva] = self.pool[r.slot]
-        if not candidates:
-            return {}, set()
-        called = {t for _, t, _ in direct_branches_to(self.image, set(candidates))}
-        thunks = {k: v for k, v in candidates.items() if k in called}
-        # A stub in a run of stubs or after padding that nothing calls is an unused thunk (mingw emits one per
-        # import), not a tail call at the end of some function.
-        unused = {
-            k for k in candidates if k not in called and self.image.function_at(k) is None
-            and after_padding(self.image.mem, k)
-        }
-        return thunks, unused
-
-    def _sites_in(self, code: FunctionCode, refs_at: dict[int, Ref], thunks: dict[int, PoolApi]) -> Iterable[CallSite]:
+    def _sites_in(self, code: FunctionCode, refs_at: dict[int, Ref], stubs: dict[int, Stub]) -> Iterable[CallSite]:
         has_load = any(refs_at.get(i.rva) is not None and refs_at[i.rva].kind == LOAD for i in code.insns)
         for k, insn in enumerate(code.insns):
             ref = refs_at.get(insn.rva)
@@ -142,7 +121,7 @@ class _Scanner:
                     nxt = code.insns[k + 1] if k + 1 < len(code.insns) else None
                     if insn.raw[:1] == b"\x48" and nxt is not None and nxt.raw == b"\x0f\x1f\x44\x00\x00":
                         notes.append("import-call-optimisation form (REX.W call + 5-byte NOP)")
-                elif ref.kind == JMP_MEM and insn.rva not in thunks:
+                elif ref.kind == JMP_MEM:
                     api, call = self.pool[ref.slot], model.TAIL
                 elif ref.kind == LOAD and insn.raw[:1] == b"\x4c" and insn.op_str.startswith("r10,"):
                     nxt = code.insns[k + 1] if k + 1 < len(code.insns) else None
@@ -153,10 +132,15 @@ class _Scanner:
                     continue
             elif insn.mnemonic in ("call", "jmp") and insn.raw[:1] in (b"\xe8", b"\xe9"):
                 target = branch_target(insn)
-                if target in thunks:
-                    api, call = thunks[target], model.THUNK
+                stub = stubs.get(target) if target is not None else None
+                if stub is not None:
+                    api = stub.api if stub.api is not None else self._stub_register_api(code, k, stub)
+                    call = model.THUNK
+                    if not stub.is_plain_thunk:
+                        text = "; ".join(f"{i.mnemonic} {i.op_str}".strip() for i in stub.insns)
+                        notes.append(f"through the stub at {stub.entry:#x}: {text}")
                     if insn.mnemonic == "jmp":
-                        notes.append("tail jump to the import thunk")
+                        notes.append("tail jump to the stub" if not stub.is_plain_thunk else "tail jump to the import thunk")
             elif has_load and insn.mnemonic in ("call", "jmp"):
                 ops = parse_operands(insn.op_str)
                 if ops and ops[0].kind == "reg" and ops[0].reg is not None:
@@ -170,13 +154,56 @@ class _Scanner:
             if api is not None:
                 yield self._site(code, k, api, call, notes)
 
+    def _stub_register_api(self, code: FunctionCode, k: int, stub: Stub) -> Optional[PoolApi]:
+        """The routine a `jmp reg` stub reaches: the register followed back through the stub into the caller."""
+        ops = parse_operands(stub.insns[-1].op_str)
+        if not ops or ops[0].kind != "reg" or ops[0].reg is None:
+            return None
+        found = self._through_stub(code, k, stub, RegLoc(ops[0].reg))
+        names = {o.api for o in found if o.kind == "import"}
+        if len(found) == 1 and len(names) == 1:
+            return apis.lookup(names.pop() or "")
+        return None
+
+    def _through_stub(self, code: FunctionCode, k: int, stub: Stub, loc: Loc) -> list[Origin]:
+        """Origins of `loc` (as at the stub's final jump), followed through the stub and then into the caller."""
+        found: dict[Origin, None] = {}
+        work: list[tuple[int, Loc]] = [(len(stub.insns) - 1, loc)]
+        caller = code.insns[k]
+        while work:
+            i, loc = work.pop()
+            if i == 0:
+                if isinstance(loc, StackLoc) and caller.mnemonic == "call":
+                    if loc.offset < self.image.ptr_size:
+                        found[Origin("computed", detail="the stub reads its own return address")] = None
+                        continue
+                    loc = StackLoc(loc.offset - self.image.ptr_size)
+                for o in code.origins(k, loc, self.ctx):
+                    found[o] = None
+                continue
+            insn = stub.insns[i - 1]
+            res = step_back(insn, loc, self.ctx)
+            for r in res.steps if isinstance(res, Fork) else (res,):
+                if isinstance(r, Origin):
+                    if r.rva is not None:
+                        self._stub_insns[r.rva] = insn
+                    found[r] = None
+                else:
+                    work.append((i - 1, r))
+        return list(found)
+
     def _site(
         self, code: FunctionCode, k: int, api: PoolApi, call: str, notes: list[str], span: int = 1
     ) -> CallSite:
         insn = code.insns[k]
         raw = b"".join(i.raw for i in code.insns[k : k + span])
         image = self.image
-        source = self._tag_source(code, k, api, tail=insn.mnemonic == "jmp")
+        target = branch_target(insn) if call == model.THUNK else None
+        stub = self.stubs.get(target) if target is not None else None
+        if stub is not None and not stub.is_plain_thunk:
+            source = self._tag_source(code, k, api, tail=insn.mnemonic == "jmp", stub=stub)
+        else:
+            source = self._tag_source(code, k, api, tail=insn.mnemonic == "jmp")
         sec = image.section_at(insn.rva)
         return CallSite(
             rva=insn.rva,
@@ -194,30 +221,43 @@ class _Scanner:
             notes=tuple(notes),
         )
 
-    def _tag_source(self, code: FunctionCode, k: int, api: PoolApi, tail: bool) -> TagSource:
+    def _tag_source(
+        self, code: FunctionCode, k: int, api: PoolApi, tail: bool, stub: Optional[Stub] = None
+    ) -> TagSource:
         where = api.tag_location(self.image.arch)
         if where is None:
             return TagSource(model.NONE, detail=f"{api.name} takes no tag")
         loc: Loc
         if isinstance(where, str):
             loc = RegLoc(_X64_REG_OF[where])
+        elif stub is not None:
+            loc = StackLoc(where + self.image.ptr_size)  # at the stub's final jump: the routine's entry layout
         else:
             # At a tail jump the return address is already on the stack, one slot above the call-time layout.
             loc = StackLoc(where + (self.image.ptr_size if tail else 0))
+        if stub is not None:
+            return _classify(self._through_stub(code, k, stub, loc), code, self.image, self._stub_insns)
         return _classify(code.origins(k, loc, self.ctx), code, self.image)
 
 
-def _instruction(code: FunctionCode, rva: Optional[int]) -> Optional[Instruction]:
+def _instruction(
+    code: FunctionCode, rva: Optional[int], extra: Optional[dict[int, Insn]] = None
+) -> Optional[Instruction]:
     if rva is None:
         return None
     k = code.at(rva)
-    if k is None:
+    if k is not None:
+        ins = code.insns[k]
+    elif extra and rva in extra:
+        ins = extra[rva]
+    else:
         return None
-    ins = code.insns[k]
     return Instruction(ins.rva, ins.raw, f"{ins.mnemonic} {ins.op_str}".strip())
 
 
-def _classify(origins: list[Origin], code: FunctionCode, image: Image) -> TagSource:
+def _classify(
+    origins: list[Origin], code: FunctionCode, image: Image, extra: Optional[dict[int, Insn]] = None
+) -> TagSource:
     if not origins:
         return TagSource(model.COMPUTED, detail="no path reaches the call")
     kinds = {o.kind for o in origins}
@@ -228,7 +268,7 @@ def _classify(origins: list[Origin], code: FunctionCode, image: Image) -> TagSou
             return TagSource(
                 model.IMM,
                 value=first.value,
-                insn=_instruction(code, first.rva),
+                insn=_instruction(code, first.rva, extra),
                 imm_offset=first.imm_offset,
                 other_sources=tuple(o.rva for o in rest if o.rva is not None),
                 detail=first.detail,
@@ -313,4 +353,5 @@ def scan_image(image: Image, tags: Optional[Iterable[int]] = None) -> DriverScan
         unexplained_tag_bytes=unexplained(image, sites, [w for w in wanted if w is not None]),
         warnings=tuple(image.warnings) + tuple(scanner.notes),
         import_thunks=dict(sorted(scanner.thunks.items())),
+        stubs={e: st.insns[-1].rva for e, st in sorted(scanner.stubs.items()) if not st.is_plain_thunk},
     )

@@ -1,0 +1,116 @@
+"""Stubs: short straight-line code, called with `call`/`jmp rel32`, that ends by jumping to a pool routine.
+
+This covers import thunks (`jmp [IAT]` alone, as mingw and old DDK builds emit), tagsplit's own stubs in a patched
+driver (`mov r8d, NEW; jmp [IAT]`, or moved instructions and `jmp reg`), and leaf tail wrappers that are neither
+exported nor described by `.pdata`. The callers of a stub are the call sites; their tag is followed backwards
+through the stub and on into the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import capstone
+
+from ..apis import PoolApi
+from ..image import Image
+from .refs import JMP_MEM, LOAD, Ref, after_padding, direct_branches_to
+from .semantics import Insn, branch_target
+
+WINDOW = 48  # how far before its final jump a stub may start
+MAX_INSNS = 12
+_JMP_REG = {
+    "x64": re.compile(rb"(?:[\x40-\x4f])?\xff[\xe0-\xe7]", re.S),
+    "x86": re.compile(rb"\xff[\xe0-\xe7]", re.S),
+}
+
+
+@dataclass(frozen=True)
+class Stub:
+    entry: int
+    insns: tuple[Insn, ...]  # straight-line; the last one jumps on
+    api: Optional[PoolApi]  # None: `jmp reg`, resolved per caller
+    via_thunk: Optional[int] = None  # the stub ends in `jmp thunk`
+
+    @property
+    def is_plain_thunk(self) -> bool:
+        return len(self.insns) == 1 and self.via_thunk is None
+
+
+def _outside_functions(image: Image, rva: int) -> bool:
+    f = image.function_at(rva)
+    return f is None
+
+
+def find_stubs(
+    image: Image, refs: list[Ref], pool: dict[int, PoolApi], cs: capstone.Cs
+) -> tuple[dict[int, Stub], dict[int, list[tuple[int, bool]]], set[int]]:
+    """Stubs by entry RVA, their callers (RVA, is_call) by entry, and unused plain thunks (RVA)."""
+    tails: dict[int, Optional[PoolApi]] = {}
+    for r in refs:
+        if r.kind == JMP_MEM and _outside_functions(image, r.rva) and r.rva not in image.exports:
+            tails[r.rva] = pool[r.slot]
+        elif r.kind == LOAD and _outside_functions(image, r.rva):
+            pass  # a load inside a stub is picked up when the stub's `jmp reg` is
+    mem = image.mem
+    for sec in image.code_sections():
+        for m in _JMP_REG[image.arch].finditer(mem, sec.rva, sec.end):
+            if _outside_functions(image, m.start()) or image.arch == "x86":
+                tails.setdefault(m.start(), None)
+    if not tails:
+        return {}, {}, set()
+    window = {t - d: t for t in tails for d in range(WINDOW + 1) if t - d >= 0}
+    callers: dict[int, list[tuple[int, bool]]] = {}
+    for src, target, is_call in direct_branches_to(image, set(window)):
+        callers.setdefault(target, []).append((src, is_call))
+    stubs: dict[int, Stub] = {}
+    for entry in sorted(callers):
+        if entry in image.exports or (image.function_at(entry) is not None):
+            continue
+        stub = _decode(image, entry, tails, cs)
+        if stub is not None:
+            stubs[entry] = stub
+    # chains: a stub ending in `jmp <plain thunk>` continues to that thunk's routine
+    plain = {e: s for e, s in stubs.items() if s.is_plain_thunk}
+    for entry in sorted(callers):
+        if entry in stubs or entry in image.exports or image.function_at(entry) is not None:
+            continue
+        stub = _decode_to_thunk(image, entry, plain, cs)
+        if stub is not None:
+            stubs[entry] = stub
+    ends = {s.insns[-1].rva for s in stubs.values()}
+    unused = {t for t, api in tails.items() if api is not None and t not in ends and after_padding(mem, t)}
+    return stubs, {e: callers[e] for e in stubs}, unused
+
+
+def _decode(image: Image, entry: int, tails: dict[int, Optional[PoolApi]], cs: capstone.Cs) -> Optional[Stub]:
+    out: list[Insn] = []
+    mem = image.mem
+    for addr, size, mn, ops in cs.disasm_lite(mem[entry : entry + WINDOW + 16], entry):
+        insn = Insn(addr, size, mn, ops, mem[addr : addr + size])
+        out.append(insn)
+        if addr in tails:
+            if mn != "jmp":
+                return None
+            return Stub(entry, tuple(out), tails[addr])
+        if mn.startswith(("j", "call", "ret", "int", "loop")) or len(out) >= MAX_INSNS:
+            return None
+    return None
+
+
+def _decode_to_thunk(image: Image, entry: int, plain: dict[int, Stub], cs: capstone.Cs) -> Optional[Stub]:
+    out: list[Insn] = []
+    mem = image.mem
+    for addr, size, mn, ops in cs.disasm_lite(mem[entry : entry + WINDOW + 16], entry):
+        insn = Insn(addr, size, mn, ops, mem[addr : addr + size])
+        out.append(insn)
+        if mn == "jmp":
+            target = branch_target(insn)
+            if target in plain:
+                return Stub(entry, tuple(out), plain[target].api, via_thunk=target)
+            return None
+        if mn.startswith(("j", "call", "ret", "int", "loop")) or len(out) >= MAX_INSNS:
+            return None
+    return None
