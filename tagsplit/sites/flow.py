@@ -114,3 +114,4 @@ def _is_padding(insn: Insn) -> bool:
     if insn.mnemonic in ("mov", "xchg") and len(ops) == 2:
         return ops[0].kind == "reg" and ops[0] == ops[1]
     return False
+

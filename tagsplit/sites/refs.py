@@ -28,8 +28,10 @@ class Ref:
     slot: int
 
 
-# x64: FF 15/FF 25 rel32 (optionally REX.W), and mov r64, [rip+rel32] (REX 8B, ModRM with mod=00 rm=101).
-_X64 = re.compile(rb"[\x48\x4c]?\xff[\x15\x25]|[\x48\x4c]\x8b[\x05\x0d\x15\x1d\x25\x2d\x35\x3d]", re.S)
+# x64: FF 15/FF 25 rel32, and mov r64, [rip+rel32] (REX 8B, ModRM with mod=00 rm=101). A REX prefix before FF 15 is
+# not matched by the expression: the byte before may as well be the last byte of the previous instruction (a tag
+# immediate ending in 'H' is 0x48), so both readings are kept and decoding the function decides.
+_X64 = re.compile(rb"\xff[\x15\x25]|[\x48\x4c]\x8b[\x05\x0d\x15\x1d\x25\x2d\x35\x3d]", re.S)
 
 
 def find_refs(image: Image, slots: set[int]) -> list[Ref]:
@@ -50,10 +52,12 @@ def find_refs(image: Image, slots: set[int]) -> list[Ref]:
                 if slot not in slots:
                     continue
                 if head[-2:-1] == b"\x8b":
-                    kind = LOAD
-                else:
-                    kind = CALL_MEM if head[-1] == 0x15 else JMP_MEM
+                    out.append(Ref(start, size, LOAD, slot))
+                    continue
+                kind = CALL_MEM if head[-1] == 0x15 else JMP_MEM
                 out.append(Ref(start, size, kind, slot))
+                if start > 0 and 0x40 <= mem[start - 1] <= 0x4F:
+                    out.append(Ref(start - 1, size + 1, kind, slot))
     else:
         for slot in slots:
             needle = struct.pack("<I", (image.base + slot) & 0xFFFFFFFF)

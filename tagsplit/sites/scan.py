@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import struct
 from collections import defaultdict
 from typing import Iterable, Optional
@@ -19,6 +21,7 @@ from .stubs import Stub, find_stubs
 from .semantics import Context, Fork, Insn, Loc, Origin, RegLoc, StackLoc, branch_target, parse_operands, step_back
 
 _X64_REG_OF = {"r8": "r8", "rdx": "rdx", "r9": "r9", "rcx": "rcx"}
+
 
 
 class _Scanner:
@@ -101,12 +104,30 @@ class _Scanner:
                 self.notes.append(f"reference at {rva:#x} is outside every function")
                 continue
             by_function.setdefault(fn[0], fn[1])
-        refs_at = {r.rva: r for r in refs}
-        sites: list[CallSite] = []
-        for entry, ranges in sorted(by_function.items()):
-            code = FunctionCode(self.image.mem, entry, ranges, self.cs)
-            sites.extend(self._sites_in(code, refs_at, stubs))
+        self._refs_at = {r.rva: r for r in refs}
+        work = sorted(by_function.items())
+        workers = _workers(len(work))
+        if workers > 1:
+            global _ACTIVE
+            _ACTIVE = self
+            chunks = [work[i::workers] for i in range(workers)]
+            try:
+                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                    parts = pool.map(_analyse_chunk, chunks)
+            finally:
+                _ACTIVE = None
+            sites = [s for part in parts for s in part]
+        else:
+            sites = self.analyse(work)
+        sites.sort(key=lambda s: s.rva)
         return _mark_shared(sites)
+
+    def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[CallSite]:
+        sites: list[CallSite] = []
+        for entry, ranges in work:
+            code = FunctionCode(self.image.mem, entry, ranges, self.cs)
+            sites.extend(self._sites_in(code, self._refs_at, self.stubs))
+        return sites
 
     def _sites_in(self, code: FunctionCode, refs_at: dict[int, Ref], stubs: dict[int, Stub]) -> Iterable[CallSite]:
         has_load = any(refs_at.get(i.rva) is not None and refs_at[i.rva].kind == LOAD for i in code.insns)
@@ -240,6 +261,23 @@ class _Scanner:
         return _classify(code.origins(k, loc, self.ctx), code, self.image)
 
 
+_ACTIVE: Optional[_Scanner] = None
+PARALLEL_MIN_FUNCTIONS = 400
+
+
+def _workers(functions: int) -> int:
+    """Processes for the per-function analysis: worth it only for large drivers, and only where fork exists."""
+    if functions < PARALLEL_MIN_FUNCTIONS or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _analyse_chunk(work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[CallSite]:
+    # runs in a forked worker: the scanner (and the image) were inherited, not pickled
+    assert _ACTIVE is not None
+    return _ACTIVE.analyse(work)
+
+
 def _instruction(
     code: FunctionCode, rva: Optional[int], extra: Optional[dict[int, Insn]] = None
 ) -> Optional[Instruction]:
@@ -321,24 +359,37 @@ def unexplained(image: Image, sites: list[CallSite], values: Iterable[int]) -> d
         if ts.rva is not None and ts.imm_offset is not None:
             explained.add(ts.rva + ts.imm_offset)
     out: dict[int, tuple[int, ...]] = {}
-    for v in sorted(set(values)):
-        needle = struct.pack("<I", v & 0xFFFFFFFF)
+    mem = image.mem
+    for v in sorted({v & 0xFFFFFFFF for v in values}):
+        needle = struct.pack("<I", v)
         hits = []
         for sec in image.code_sections():
-            pos = image.mem.find(needle, sec.rva, sec.end)
+            pos = mem.find(needle, sec.rva, sec.end)
             while pos >= 0:
                 if pos not in explained:
                     hits.append(pos)
-                pos = image.mem.find(needle, pos + 1, sec.end)
+                pos = mem.find(needle, pos + 1, sec.end)
         out[v] = tuple(hits)
     return out
 
 
+CROSS_CHECK_ALL_BELOW = 4 << 20
+
+
 def scan_image(image: Image, tags: Optional[Iterable[int]] = None) -> DriverScan:
-    """All pool call sites of `image`; `tags` are the values whose bytes are cross-checked (default: all seen)."""
+    """All pool call sites of `image`.
+
+    `tags` are the values whose bytes are cross-checked against the sites found. Without them every constant
+    tag found is cross-checked in drivers of up to 4 MiB; larger ones are cross-checked only for requested tags.
+    """
     scanner = _Scanner(image)
     sites = scanner.run()
-    wanted = list(tags) if tags is not None else [s.tag_value for s in sites if s.tag_value]
+    if tags is not None:
+        wanted = list(tags)
+    elif image.size_of_image <= CROSS_CHECK_ALL_BELOW:
+        wanted = [s.tag_value for s in sites if s.tag_value]
+    else:
+        wanted = []
     return DriverScan(
         path=image.path,
         sha256=image.sha256,
