@@ -116,7 +116,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         from .live import apply_live
 
         journal = Path(args.journal) if args.journal else None
-        return apply_live(plan_path, journal, allow_local=args.allow_local)
+        outcome = apply_live(plan_path, journal, allow_local=args.allow_local)
+        print(f"{plan.module}: {outcome.written} patches written ({outcome.already} already in place); "
+              f"journal {outcome.journal}")
+        return 0
     image, data = _driver_for(plan, plan_path, args.driver)
     if args.windbg_script:
         from .targets.script import render_apply, render_revert
@@ -187,7 +190,9 @@ def cmd_revert(args: argparse.Namespace) -> int:
     if kind in ("pykd", "emu"):
         from .live import revert_live
 
-        return revert_live(journal)
+        outcome = revert_live(journal)
+        print(f"{outcome.written} ranges restored ({outcome.already} were already original)")
+        return 0
     raise PlanError(f"{journal}: journal of target {kind!r}; a WinDbg script is reverted with its .revert script")
 
 

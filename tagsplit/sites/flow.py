@@ -49,7 +49,7 @@ class FunctionCode:
         self.index = {ins.rva: k for k, ins in enumerate(insns)}
         self.branch_preds: dict[int, list[int]] = {}
         for k, ins in enumerate(insns):
-            if is_branch(ins.mnemonic):
+            if ins.mnemonic[0] == "j" and is_branch(ins.mnemonic):
                 t = branch_target(ins)
                 if t is not None and t in self.index:
                     self.branch_preds.setdefault(self.index[t], []).append(k)

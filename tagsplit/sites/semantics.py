@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import capstone
 
@@ -157,8 +157,9 @@ class Origin:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class Insn:
+class Insn(NamedTuple):
+    """One decoded instruction (a tuple: scanning creates hundreds of thousands of them)."""
+
     rva: int
     size: int
     mnemonic: str
@@ -203,6 +204,12 @@ _ARITH = frozenset(
     """add sub and or xor adc sbb shl shr sar sal rol ror rcl rcr neg not inc dec imul bsf bsr popcnt lzcnt tzcnt
     andn bswap shld shrd bts btr btc movzx movsx sete setne setb setae setbe seta setl setge setle setg sets setns
     seto setno setp setnp blsr blsi blsmsk bzhi pdep pext sarx shlx shrx rorx xadd""".split()
+)
+_KNOWN_SIMPLE = frozenset(
+    """mov movabs movsxd movzx movsx lea xchg add sub and or xor adc sbb shl shr sar sal rol ror neg not inc dec
+    test cmp bt bts btr btc bsf bsr popcnt lzcnt tzcnt bswap""".split()
+    + [f"cmov{c}" for c in "e ne b ae be a l ge le g s ns o no p np".split()]
+    + [f"set{c}" for c in "e ne b ae be a l ge le g s ns o no p np".split()]
 )
 _JCC = frozenset("jo jno jb jae je jne jbe ja js jns jp jnp jl jge jle jg jcxz jecxz jrcxz loop loope loopne".split())
 
@@ -267,9 +274,31 @@ def _source(insn: Insn, op: Op, ctx: Context, loc_width_ok: bool = True) -> Step
     return Origin("computed", rva=insn.rva, detail=f"`{insn.mnemonic} {insn.op_str}`")
 
 
+# Mnemonics whose effect on a location is not visible in their operand text (implicit registers, the stack).
+_IMPLICIT = frozenset(
+    """push pop call lcall leave enter pushfq pushfd popfq popfd pushal pushad popal popad pushf popf mul imul div
+    idiv cdq cqo cwd cdqe cwde cbw cpuid rdtsc rdtscp rdmsr xgetbv lodsb lodsw lodsd lodsq stosb stosw stosd stosq
+    movsb movsw movsd movsq scasb scasd cmpsb cmpsd syscall lahf in xlatb cmpxchg cmpxchg8b cmpxchg16b loop
+    loope loopne rdpmc rdrand rdseed""".split()
+)
+_FAMILY_NAMES = {fam: names for fam, names in _FAMILIES.items()}
+for _i in range(8, 16):
+    _FAMILY_NAMES[f"r{_i}"] = (f"r{_i}",)
+
+
 def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
     """Walk one instruction backwards: the location to keep following before `insn`, or the origin `insn` gives."""
     mn = insn.mnemonic
+    # Most instructions on a path neither name the tracked register nor touch the stack: pass them quickly.
+    if mn not in _IMPLICIT and not mn.startswith(("rep", "lock")):
+        ops_text = insn.op_str
+        if isinstance(loc, RegLoc):
+            if not any(n in ops_text for n in _FAMILY_NAMES.get(loc.reg, (loc.reg,))) and "sp" not in ops_text:
+                if mn in _NO_EFFECT or mn in _JCC or mn in _KNOWN_SIMPLE:
+                    return loc
+        elif isinstance(loc, StackLoc):
+            if "sp" not in ops_text and (mn in _NO_EFFECT or mn in _JCC or mn in _KNOWN_SIMPLE):
+                return loc
     if mn.startswith("rep ") or mn.startswith("repne ") or mn.startswith("repe "):
         return _fallback(insn, loc, ctx)
     if mn.startswith("lock "):
