@@ -180,7 +180,47 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--driver", help="the driver file, if not where the plan says")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=commands.cmd_verify)
+
+    snap = sub.add_parser("snapshot", help="record pool use per tag: from WinDbg (--live) or a saved output (--from)",
+                          epilog=SNAPSHOT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    snap.add_argument("--live", metavar="PLAN", help="inside WinDbg/KD: !poolused for the plan's tags")
+    snap.add_argument("--from", dest="from_file", metavar="FILE", help="!poolused/!poolfind/PoolMon text (.logopen)")
+    snap.add_argument("--at", help="with --from: the time of the output (ISO-8601); default: from the log, or mtime")
+    snap.add_argument("--poolfind", action="store_true", help="also list blocks with !poolfind (slow)")
+    snap.add_argument("--every", type=float, default=60.0, help="seconds between snapshots")
+    snap.add_argument("--count", type=int, default=1, help="how many snapshots")
+    snap.add_argument("-o", "--output", default="snapshots.jsonl", help="file to append to (default snapshots.jsonl)")
+    snap.set_defaults(func=commands.cmd_snapshot)
+
+    report = sub.add_parser("report", help="which call site holds how much pool, and how fast it grows")
+    report.add_argument("plan")
+    report.add_argument("snapshots", nargs="+")
+    fmt = report.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--markdown", action="store_true")
+    report.add_argument("--plot", metavar="PNG", help="outstanding bytes over time per site (needs matplotlib)")
+    report.set_defaults(func=commands.cmd_report)
+
+    demo = sub.add_parser("demo", help="the whole procedure on the bundled sample driver, in an emulated kernel")
+    demo.add_argument("--out", default="tagsplit-demo", help="folder for the plan, snapshots, report and plot")
+    demo.add_argument("--minutes", type=int, default=6)
+    demo.add_argument("--arch", choices=("x64", "x86"), default="x64")
+    demo.add_argument("--driver", help=argparse.SUPPRESS)
+    demo.add_argument("--workload", default="SampleWorkLeaky", help=argparse.SUPPRESS)
+    demo.add_argument("--tag", default="Smpl", help=argparse.SUPPRESS)
+    demo.set_defaults(func=commands.cmd_demo)
     return parser
+
+
+SNAPSHOT_EPILOG = textwrap.dedent(
+    """\
+    examples:
+      !py -3.9 -m tagsplit.live snapshot plan.json -o snaps.jsonl    inside WinDbg, each time you break in
+      tagsplit snapshot --from poolused.log --at 2026-11-26T10:00:00Z -o snaps.jsonl
+      tagsplit report plan.json snaps.jsonl --plot growth.png
+    """
+)
 
 
 PLAN_EPILOG = textwrap.dedent(

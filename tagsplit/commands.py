@@ -238,3 +238,51 @@ def run(func: object, args: argparse.Namespace) -> int:
     except TagsplitError as e:
         print(f"tagsplit: error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from .snapshots.take import take_from_file, take_live
+
+    out = Path(args.output)
+    if bool(args.live) == bool(args.from_file):
+        raise UsageError("give --live PLAN (inside WinDbg) or --from FILE (a saved !poolused/!poolfind/PoolMon output)")
+    if args.from_file:
+        snap = take_from_file(Path(args.from_file), out, args.at)
+        print(f"{out}: snapshot at {snap.time} from {snap.source} ({len(snap.usages)} tags, {len(snap.blocks)} blocks)")
+        return 0
+    if args.count > 1:
+        raise UsageError("--count above 1 needs the target to run between snapshots; in WinDbg, `g`, break in and "
+                         "run `snapshot --live` again (or log with .logopen and use --from)")
+    plan = pm.load(args.live)
+    from .targets.pykd import _import_pykd
+
+    pykd = _import_pykd()
+    take_live(pykd, plan, out, poolfind=args.poolfind)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.attribute import attribute
+    from .report.render import plot, render_csv, render_json, render_text
+    from .snapshots import store
+
+    plan = pm.load(args.plan)
+    snaps = [s for f in args.snapshots for s in store.read(Path(f))]
+    report = attribute(plan, snaps)
+    if args.json:
+        print(render_json(report), end="")
+    elif args.csv:
+        print(render_csv(report), end="")
+    else:
+        print(render_text(report, markdown=args.markdown), end="")
+    if args.plot:
+        plot(report, Path(args.plot))
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), minutes=args.minutes, arch=args.arch, driver=args.driver,
+                    workload=args.workload, tag=args.tag)

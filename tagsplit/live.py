@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from .errors import PlanError, TagsplitError, TargetReadError, UsageError
 from .plan.model import CODE, Patch, Plan, load
 from .targets.apply import Outcome, apply, read_journal, revert
-from .targets.pykd import PykdTarget
+from .targets.pykd import _import_pykd, PykdTarget
 
 ORIGINAL = "original"
 APPLIED = "applied"
@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show per patch whether it is original, applied or differs")
     s.add_argument("plan")
     s.add_argument("--module", help="debugger module name, if not the driver file name without extension")
+    n = sub.add_parser("snapshot", help="append a !poolused snapshot of the plan's tags to a snapshot file")
+    n.add_argument("plan")
+    n.add_argument("-o", "--output", default="snapshots.jsonl", help="file to append to (default snapshots.jsonl)")
+    n.add_argument("--poolfind", action="store_true", help="also list the blocks with !poolfind (slow)")
     return ap
 
 
@@ -186,6 +190,13 @@ def main(argv: list[str] | None = None, pykd: Any = None) -> int:
             return 0
         if args.cmd == "status":
             return _print_status(status_live(args.plan, pykd, module=args.module))
+        if args.cmd == "snapshot":
+            from .plan.model import load as load_plan
+            from .snapshots.take import take_live
+
+            take_live(pykd if pykd is not None else _import_pykd(), load_plan(args.plan), Path(args.output),
+                      poolfind=args.poolfind)
+            return 0
         raise UsageError(f"unknown command {args.cmd!r}")
     except TagsplitError as e:
         print(f"tagsplit: error: {e}", file=sys.stderr)

@@ -115,6 +115,7 @@ class EmulatedKernel:
         info = self.debugger.map_driver(image, name=self.name)
         self.debugger_base = info.begin
         self._debug_image = self.debugger.module_memory(self.name)
+        self.loaded_image = self._debug_image  # as the loader left it, for checking a revert
         self.machine = Machine(image)
         self.pool = Pool(HEAP[image.arch], HEAP_SIZE)
         self.machine.uc.mem_map(HEAP[image.arch], HEAP_SIZE)

@@ -34,7 +34,7 @@ class _Scanner:
                 self.pool[slot] = api
         mode = capstone.CS_MODE_64 if image.arch == "x64" else capstone.CS_MODE_32
         self.cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
-        self.ctx = Context(image.arch, image.base, self._import_at, self._call_pop)
+        self.ctx = Context(image.arch, image.base, self._import_at, self._call_pop, self._stub_body)
         self._starts: Optional[FunctionStarts] = None
         self._pops: dict[int, Optional[int]] = {}
         self.notes: list[str] = []
@@ -47,6 +47,15 @@ class _Scanner:
     def _import_at(self, slot: int) -> Optional[str]:
         imp = self.image.imports.get(slot)
         return imp.name if imp else None
+
+    def _stub_body(self, target: int) -> Optional[tuple[tuple[Insn, ...], int]]:
+        stub = self.stubs.get(target)
+        if stub is None or stub.is_plain_thunk or stub.ends_in_call:
+            return None
+        pop = stub.api.arg_bytes_x86 if (stub.api is not None and self.image.arch == "x86") else 0
+        if stub.api is None and self.image.arch == "x86":
+            return None  # a `jmp reg` stub on x86: the routine's stack effect is not known here
+        return stub.insns[:-1], pop
 
     def _call_pop(self, insn: Insn) -> Optional[int]:
         """Bytes an x86 callee pops (stdcall), from the pool table or the callee's own `ret N`."""
@@ -251,6 +260,8 @@ class _Scanner:
         loc: Loc
         if isinstance(where, str):
             loc = RegLoc(_X64_REG_OF[where])
+        elif stub is not None and stub.ends_in_call:
+            loc = StackLoc(where)  # at the stub's own call of the routine: the call-time layout
         elif stub is not None:
             loc = StackLoc(where + self.image.ptr_size)  # at the stub's final jump: the routine's entry layout
         else:

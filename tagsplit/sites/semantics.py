@@ -176,12 +176,15 @@ class Context:
         image_base: int,
         import_at: Callable[[int], Optional[str]],
         call_pop: Callable[[Insn], Optional[int]],
+        stub_body: Optional[Callable[[int], Optional[tuple[tuple[Insn, ...], int]]]] = None,
     ) -> None:
         self.arch = arch
         self.ptr = 8 if arch == "x64" else 4
         self.image_base = image_base
         self.import_at = import_at  # IAT slot RVA -> import name, or None
         self.call_pop = call_pop  # bytes a call's callee removes from the stack (x86 stdcall), None if unknown
+        # a stub's instructions before its final jump: a call to a stub runs them on the caller's behalf
+        self.stub_body = stub_body or (lambda _target: None)
         self.cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if arch == "x64" else capstone.CS_MODE_32)
         self.cs.detail = True
 
@@ -423,6 +426,32 @@ def _lost_stack(insn: Insn, loc: Loc) -> Step:
 
 
 def _call(insn: Insn, loc: Loc, ctx: Context) -> Step:
+    if branch_target(insn) == insn.rva + insn.size:
+        # `call $+5` (position-independent code): only pushes its own address
+        if isinstance(loc, StackLoc):
+            if loc.offset < ctx.ptr:
+                return Origin("computed", rva=insn.rva, detail="the address pushed by `call $+5`")
+            return StackLoc(loc.offset - ctx.ptr)
+        return loc
+    target = branch_target(insn)
+    found = ctx.stub_body(target) if target is not None else None
+    if found is not None:
+        # a call into a stub (tagsplit's own, with instructions moved out of the caller): follow the location back
+        # through the routine's return (x86: it pops its arguments) and the stub's instructions
+        body, pop = found
+        inner: Loc = StackLoc(loc.offset + pop + ctx.ptr) if isinstance(loc, StackLoc) else loc
+        for stub_insn in reversed(body):
+            res = step_back(stub_insn, inner, ctx)
+            if isinstance(res, Origin):
+                return res
+            if isinstance(res, Fork):
+                return Origin("computed", rva=stub_insn.rva, detail="conditional move in a stub")
+            inner = res
+        if isinstance(inner, StackLoc):
+            if inner.offset < ctx.ptr:
+                return Origin("computed", rva=insn.rva, detail="a stub's return address")
+            return StackLoc(inner.offset - ctx.ptr)
+        return inner
     if isinstance(loc, RegLoc):
         if loc.reg in VOLATILE[ctx.arch]:
             if loc.reg == "rax":
@@ -437,9 +466,8 @@ def _call(insn: Insn, loc: Loc, ctx: Context) -> Step:
         pop = ctx.call_pop(insn)
         if pop is None:
             return Origin("stack", rva=insn.rva, detail=f"unknown stack effect of the call at {insn.rva:#x}")
-        if loc.offset < pop:
-            return Origin("stack", rva=insn.rva, detail="slot consumed by an earlier call")
-        return StackLoc(loc.offset - pop)
+        # the callee removed its arguments: after the call the stack pointer is `pop` bytes higher
+        return StackLoc(loc.offset + pop)
     return loc
 
 

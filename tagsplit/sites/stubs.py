@@ -9,6 +9,7 @@ through the stub and on into the caller.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +22,7 @@ from .semantics import Insn, branch_target
 
 WINDOW = 48  # how far before its final jump a stub may start
 MAX_INSNS = 12
+_PIC = re.compile(rb"\xe8\x00\x00\x00\x00[\x58-\x5f]", re.S)
 _JMP_REG = {
     "x64": re.compile(rb"(?:[\x40-\x4f])?\xff[\xe0-\xe7]", re.S),
     "x86": re.compile(rb"\xff[\xe0-\xe7]", re.S),
@@ -33,6 +35,7 @@ class Stub:
     insns: tuple[Insn, ...]  # straight-line; the last one jumps on
     api: Optional[PoolApi]  # None: `jmp reg`, resolved per caller
     via_thunk: Optional[int] = None  # the stub ends in `jmp thunk`
+    ends_in_call: bool = False  # `call [..]; ret N` (a stub that calls the routine itself) instead of a jump
 
     @property
     def is_plain_thunk(self) -> bool:
@@ -55,7 +58,16 @@ def find_stubs(
         elif r.kind == LOAD and _outside_functions(image, r.rva):
             pass  # a load inside a stub is picked up when the stub's `jmp reg` is
     mem = image.mem
+    calls_at: set[int] = set()
     for sec in image.code_sections():
+        # position-independent x86 stubs (tagsplit's own): call $+5; pop reg; ...; jmp/call [reg + disp32]
+        for m in _PIC.finditer(mem, sec.rva, sec.end):
+            found = _pic_tail(mem, m.start(), pool, cs)
+            if found is not None:
+                tail, api, is_call = found
+                tails[tail] = api
+                if is_call:
+                    calls_at.add(tail)
         for m in _JMP_REG[image.arch].finditer(mem, sec.rva, sec.end):
             if _outside_functions(image, m.start()) or image.arch == "x86":
                 tails.setdefault(m.start(), None)
@@ -69,7 +81,7 @@ def find_stubs(
     for entry in sorted(callers):
         if entry in image.exports or (image.function_at(entry) is not None):
             continue
-        stub = _decode(image, entry, tails, cs)
+        stub = _decode(image, entry, tails, cs, calls_at)
         if stub is not None:
             stubs[entry] = stub
     # chains: a stub ending in `jmp <plain thunk>` continues to that thunk's routine
@@ -85,17 +97,25 @@ def find_stubs(
     return stubs, {e: callers[e] for e in stubs}, unused
 
 
-def _decode(image: Image, entry: int, tails: dict[int, Optional[PoolApi]], cs: capstone.Cs) -> Optional[Stub]:
+def _decode(
+    image: Image, entry: int, tails: dict[int, Optional[PoolApi]], cs: capstone.Cs, calls_at: set[int]
+) -> Optional[Stub]:
     out: list[Insn] = []
     mem = image.mem
-    for addr, size, mn, ops in cs.disasm_lite(mem[entry : entry + WINDOW + 16], entry):
+    for addr, size, mn, ops in cs.disasm_lite(mem[entry : entry + WINDOW + 24], entry):
         insn = Insn(addr, size, mn, ops, mem[addr : addr + size])
         out.append(insn)
         if addr in tails:
+            if addr in calls_at:
+                nxt = next(cs.disasm_lite(mem[addr + size : addr + size + 3], addr + size, 1), None)
+                if nxt is None or nxt[2] != "ret":
+                    return None
+                return Stub(entry, tuple(out), tails[addr], ends_in_call=True)
             if mn != "jmp":
                 return None
             return Stub(entry, tuple(out), tails[addr])
-        if mn.startswith(("j", "call", "ret", "int", "loop")) or len(out) >= MAX_INSNS:
+        pic = mn == "call" and insn.raw == b"\xe8\x00\x00\x00\x00"
+        if (mn.startswith(("j", "call", "ret", "int", "loop")) and not pic) or len(out) >= MAX_INSNS:
             return None
     return None
 
@@ -112,5 +132,21 @@ def _decode_to_thunk(image: Image, entry: int, plain: dict[int, Stub], cs: capst
                 return Stub(entry, tuple(out), plain[target].api, via_thunk=target)
             return None
         if mn.startswith(("j", "call", "ret", "int", "loop")) or len(out) >= MAX_INSNS:
+            return None
+    return None
+
+
+def _pic_tail(mem: bytes, at: int, pool: dict[int, PoolApi], cs: capstone.Cs) -> Optional[tuple[int, PoolApi, bool]]:
+    """For `call $+5; pop reg` at `at`: the later `jmp/call [reg + disp]` that reaches a pool routine's IAT slot."""
+    from .semantics import REG, parse_operands
+
+    pop_rva = at + 5
+    reg = REG.get(["eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi"][mem[pop_rva] - 0x58], ("", 0))[0]
+    for addr, _size, mn, ops in cs.disasm_lite(mem[pop_rva + 1 : pop_rva + 1 + WINDOW], pop_rva + 1):
+        o = parse_operands(ops)
+        if mn in ("jmp", "call") and o and o[0].mem is not None and o[0].mem.base == reg and o[0].mem.index is None:
+            api = pool.get(pop_rva + o[0].mem.disp)
+            return (addr, api, mn == "call") if api is not None else None
+        if mn.startswith(("j", "call", "ret")) or (o and o[0].kind == "reg" and o[0].reg == reg):
             return None
     return None
