@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -88,11 +89,27 @@ def take_live(
     return taken
 
 
+_PROMPT = re.compile(r"^\s*(?:\d+: )?k[dl]> ?(.*)$", re.M)
+
+
+def command_output(text: str) -> str:
+    """From a debugger log (.logopen) the output of its last !poolused / !poolfind command; other text as it is."""
+    prompts = list(_PROMPT.finditer(text))
+    if not prompts:
+        return text
+    for i in range(len(prompts) - 1, -1, -1):
+        command = prompts[i].group(1).strip()
+        if command.startswith(("!poolused", "!poolfind")):
+            end = prompts[i + 1].start() if i + 1 < len(prompts) else len(text)
+            return text[prompts[i].end() : end].lstrip("\r\n")
+    return text
+
+
 def take_from_file(path: Path, out: Path, at: Optional[str] = None) -> Snapshot:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
-    snap = parse_snapshot(text, store.time_of_log(text, path, at))
+    snap = parse_snapshot(command_output(text), store.time_of_log(text, path, at))
     store.append(out, snap)
     return snap
