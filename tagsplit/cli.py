@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--driver", help=argparse.SUPPRESS)
     demo.add_argument("--workload", default="SampleWorkLeaky", help=argparse.SUPPRESS)
     demo.add_argument("--tag", default="Smpl", help=argparse.SUPPRESS)
+    demo.add_argument("--split", action="append", default=[], choices=SPLITS, help=argparse.SUPPRESS)
     demo.set_defaults(func=commands.cmd_demo)
     return parser
 

@@ -285,4 +285,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.out), minutes=args.minutes, arch=args.arch, driver=args.driver,
-                    workload=args.workload, tag=args.tag)
+                    workload=args.workload, tag=args.tag, split=frozenset(args.split))

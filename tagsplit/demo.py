@@ -45,6 +45,7 @@ def run_demo(
     workload: str = "SampleWorkLeaky",
     tag: str = "Smpl",
     per_minute: int = 12,
+    split: frozenset[str] = frozenset(),
 ) -> int:
     path = Path(driver) if driver else SAMPLES[arch]
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def run_demo(
     print(render_scan([scan], {value}), end="")
 
     _step(2, "plan: a new tag for each allocation site")
-    plan = make_plan(image, scan, Options((value,)))
+    plan = make_plan(image, scan, Options((value,), split=split))
     plan_path = out / f"{path.stem}.plan.json"
     plan_path.write_text(pm.dumps(plan), encoding="utf-8")
     (out / f"{path.stem}.pooltag.txt").write_text("\n".join(describe(plan)) + "\n", encoding="utf-8")

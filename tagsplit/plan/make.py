@@ -24,13 +24,16 @@ from ..errors import DisasmError, PlanError, TagError
 from ..image import Image
 from ..sites import model as sm
 from ..sites.model import CallSite, DriverScan
+from ..sites.wrappers import FIXED as FIXED_WRAPPER
+from ..sites.wrappers import MAX_FIXED_SIZE, Wrapper, WrapperCall, find_wrappers
+from ..sites.wrappers import PARAM as PARAM_WRAPPER
 from . import model
 from .asm import assemble, disassemble, retag
 from .caves import Cave, CaveSpace, find_caves
 from .model import FILE_ONLY, Driver, Patch, Plan, SitePlan
 from .newtags import Avoid, pick, prefix_of
 
-SPLITS = ("shared", "untagged", "frees")
+SPLITS = ("shared", "untagged", "frees", "wrappers")
 _NOP = {1: b"\x90", 2: b"\x66\x90", 7: b"\x0f\x1f\x80\x00\x00\x00\x00"}
 _ICO_NOP = b"\x0f\x1f\x44\x00\x00"
 _REG32 = {"r8": "r8d", "rdx": "edx", "r9": "r9d", "rcx": "ecx"}
@@ -139,6 +142,8 @@ class Planner:
         self.caves = CaveSpace(find_caves(image))
         self.slack_ends: dict[str, int] = {}
         self.iat: dict[str, int] = {imp.name: slot for slot, imp in image.imports.items()}
+        self.wrappers: tuple[Wrapper, ...] = ()
+        self.param_of: dict[int, tuple[int, int]] = {}  # wrapper call RVA -> (wrapper called, tag parameter)
 
     # --- selection --------------------------------------------------------------------------------------------
 
@@ -154,7 +159,14 @@ class Planner:
             s for s in self.scan.sites
             if s.role != apis.FREE and (_plain(s.tag_value) in suspects or (untagged and _untagged(s)))
         ]
-        if not chosen:
+        wrapper_sites, copies = self._wrapper_sites(suspects)
+        copied = {c.rva for c, _w in copies}
+        chosen += [w for w in wrapper_sites if w.role != apis.FREE]
+        if copies:
+            # each caller of a fixed-tag wrapper gets its own copy; the wrapper's own site keeps the old tag
+            inside = {w.site for _c, w in copies}
+            chosen = [s for s in chosen if s.rva not in inside]
+        if not chosen and not copies:
             used = sorted({s.tag for s in self.scan.sites if s.tag and s.role != apis.FREE})
             names = ", ".join(f"'{tags.display(t)}'" for t in sorted(suspects))
             raise TagError(
@@ -163,6 +175,7 @@ class Planner:
                 + ("" if untagged else " (untagged ExAllocatePool sites need --split untagged)")
             )
         frees = [s for s in self.scan.sites if s.role == apis.FREE and _plain(s.tag_value) in suspects]
+        frees += [w for w in wrapper_sites if w.role == apis.FREE]
         avoid = self.options.avoid
         for s in self.scan.sites:
             if s.tag_value:
@@ -181,7 +194,7 @@ class Planner:
                     groups[ts.rva].append(s)
                     continue
             singles.append(s)
-        units: list[list[CallSite]] = [[s] for s in singles] + list(groups.values())
+        units: list[list[CallSite]] = [[s] for s in singles] + list(groups.values()) + [[c] for c, _w in copies]
         units.sort(key=lambda u: min(x.rva for x in u))
 
         new_tags: dict[int, int] = {}
@@ -198,7 +211,11 @@ class Planner:
         plans: list[SitePlan] = []
         by_rva = {s.rva: s for s in self.scan.sites}
         riding: set[int] = set()
+        copy_of = {c.rva: w for c, w in copies}
         for u in units:
+            if u[0].rva in copy_of and u[0].call == _COPY:
+                plans.append(self._copy_plan(u[0], copy_of[u[0].rva], new_tags[u[0].rva]))
+                continue
             unit_plans = self._plan_unit(u, new_tags[u[0].rva])
             plans.extend(unit_plans)
             if len(u) > 1 and unit_plans and unit_plans[0].strategy == model.IMM:
@@ -230,10 +247,131 @@ class Planner:
             tags=tuple(sorted(self.options.tags)),
             sites=tuple(plans),
             free_sites=tuple(free_plans),
-            options={"split": sorted(self.options.split), "prefix": self.options.prefix},
+            options={"split": sorted(self.options.split), "prefix": self.options.prefix,
+                     "wrappers": [{"rva": f"{w.rva:#x}", "name": w.name, "kind": w.kind, "api": w.api,
+                                   "callers": len(w.calls)} for w in self.wrappers]},
         )
         model.check(plan)
         return plan
+
+    # --- wrappers -----------------------------------------------------------------------------------------------
+
+    def _wrapper_sites(self, suspects: set[int]) -> tuple[list[CallSite], list[tuple[CallSite, Wrapper]]]:
+        """Calls of parameter wrappers that pass a suspect tag, and (with `--split wrappers`) the calls of fixed-tag
+        wrappers whose tag is suspect, as call sites of their own."""
+        self.wrappers = find_wrappers(self.image, self.scan)
+        params: list[CallSite] = []
+        copies: list[tuple[CallSite, Wrapper]] = []
+        for w in self.wrappers:
+            for c in w.calls:
+                if w.kind == PARAM_WRAPPER and _plain(c.tag_value) in suspects:
+                    site = _call_site(c, w, "wrapper", f"passes the tag to {w.name or hex(w.rva)} (parameter {w.param})")
+                    self.param_of[c.rva] = (w.rva if c.via is None else c.via, w.param or 0)
+                    params.append(site)
+                elif (w.kind == FIXED_WRAPPER and "wrappers" in self.options.split and w.role == apis.ALLOC
+                      and _plain(c.tag_value) in suspects):
+                    copies.append((_call_site(c, w, _COPY, f"calls {w.name or hex(w.rva)}, a fixed-tag wrapper"), w))
+        from ..sites.scan import _mark_shared
+
+        # one constant may feed several wrapper calls (as it may feed several pool calls)
+        return _mark_shared(params), copies
+
+    def _copy_plan(self, site: CallSite, wrapper: Wrapper, new: int) -> SitePlan:
+        """This caller calls its own copy of the fixed-tag wrapper, the copy differing only in the tag."""
+        try:
+            code, text = self._wrapper_copy(wrapper, new, 0)
+            cave = self.caves.take(len(code))
+            if cave is None:
+                raise _Refused(f"no code cave of {len(code)} bytes left for a copy of the wrapper")
+            code, text = self._wrapper_copy(wrapper, new, cave.rva)
+        except _Refused as e:
+            return self._site_plan(site, new, model.REFUSED, f"{wrapper.name or hex(wrapper.rva)}: {e}")
+        if cave.kind == "slack":
+            self.slack_ends[cave.section] = max(self.slack_ends.get(cave.section, 0), cave.rva + len(code))
+        rel = cave.rva - (site.rva + 5)
+        redirect = site.raw[:1] + struct.pack("<i", rel)
+        patches = (
+            Patch(cave.rva, self.image.read(cave.rva, len(code)), code,
+                  f"stub: copy of {wrapper.name or hex(wrapper.rva)} with tag {tags.display(new)} for this caller"),
+            Patch(site.rva, site.raw, redirect, "call redirected to the wrapper's copy"),
+        )
+        return self._site_plan(site, new, model.STUB,
+                               f"own copy of the fixed-tag wrapper {wrapper.name or hex(wrapper.rva)}", patches,
+                               stub=(cave, code, text))
+
+    def _wrapper_copy(self, wrapper: Wrapper, new: int, at: int) -> tuple[bytes, tuple[str, ...]]:
+        import capstone
+
+        if wrapper.size > MAX_FIXED_SIZE:
+            raise _Refused(f"the wrapper is {wrapper.size} bytes, too large to copy safely")
+        f = self.image.function_at(wrapper.rva)
+        if f is not None:
+            unwind = self.image.mem
+            u = _unwind_of(self.image, f.rva)
+            if u is not None and unwind[u] >> 3 & 0x3:
+                raise _Refused("the wrapper has an exception handler")
+        body = bytearray(self.image.read(wrapper.rva, wrapper.size))
+        lo, hi = wrapper.rva, wrapper.rva + wrapper.size
+        cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if self.arch == "x64" else capstone.CS_MODE_32)
+        cs.detail = True
+        trampolines: dict[int, int] = {}  # IAT slot -> offset of its position-independent jump after the body
+        tag_site = next(s for s in self.scan.sites if s.rva == wrapper.site).tag_source
+        if tag_site.insn is None or tag_site.imm_offset is None:
+            raise _Refused("the wrapper's tag is not an immediate")
+        text = []
+        for insn in cs.disasm(bytes(body), wrapper.rva):
+            off = insn.address - lo
+            text.append(f"{insn.mnemonic} {insn.op_str}".strip())
+            relocated = self.image.relocated_in(insn.address, insn.size)
+            if relocated:
+                # x86 `call/jmp [IAT]`: the copy calls a position-independent jump placed after it instead
+                slot_va = struct.unpack_from("<I", body, off + insn.size - 4)[0]
+                slot = slot_va - self.image.preferred_base
+                raw = bytes(body[off : off + insn.size])
+                if raw[:2] not in (b"\xff\x15", b"\xff\x25") or insn.size != 6 or slot not in self.image.imports:
+                    raise _Refused(f"`{insn.mnemonic} {insn.op_str}` uses an absolute address a copy cannot keep")
+                if slot not in trampolines:
+                    trampolines[slot] = len(body) + 12 * len(trampolines)
+                target = at + trampolines[slot]
+                op = b"\xe8" if raw[1] == 0x15 else b"\xe9"
+                body[off : off + 6] = op + struct.pack("<i", target - (at + off + 5)) + b"\x90"
+                continue
+            if insn.disp_size == 4 and "rip" in insn.op_str:
+                target = insn.address + insn.size + struct.unpack_from("<i", body, off + insn.disp_offset)[0]
+                if lo <= target < hi:
+                    raise _Refused("the wrapper takes its own address")
+                struct.pack_into("<i", body, off + insn.disp_offset, target - (at + off + insn.size))
+            elif insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL):
+                if insn.imm_size and insn.op_str.startswith("0x"):
+                    target = int(insn.op_str, 16)
+                    if not lo <= target < hi:
+                        if insn.imm_size != 4:
+                            raise _Refused(f"a short branch leaves the wrapper (`{insn.mnemonic} {insn.op_str}`)")
+                        struct.pack_into("<i", body, off + insn.imm_offset, target - (at + off + insn.size))
+        t = tag_site.insn.rva + tag_site.imm_offset - lo
+        # the function's bounds may include alignment padding after its last instruction: leave it out
+        end = 0
+        for insn in cs.disasm(bytes(body), wrapper.rva):
+            if insn.mnemonic not in ("nop", "int3") and not (insn.mnemonic == "lea" and insn.op_str in (
+                    "esi, [esi]", "esi, [esi + eiz]", "edi, [edi]")):
+                end = insn.address + insn.size - lo
+        if trampolines:
+            shift = len(body) - end
+            trampolines = {k: v - shift for k, v in trampolines.items()}
+            # trampoline targets were computed for the untrimmed body: re-aim the rel32s
+            for insn in cs.disasm(bytes(body[:end]), wrapper.rva):
+                o = insn.address - lo
+                if body[o] in (0xE8, 0xE9) and insn.size == 5 and body[o + 5 : o + 6] == b"\x90":
+                    old = at + o + 5 + struct.unpack_from("<i", body, o + 1)[0] - at
+                    struct.pack_into("<i", body, o + 1, old - shift - (o + 5))
+        body = body[:end]
+        if not 0 <= t <= len(body) - 4:
+            raise _Refused("the wrapper's tag instruction lies outside it")
+        struct.pack_into("<I", body, t, new & 0xFFFFFFFF)
+        for slot, pos in sorted(trampolines.items(), key=lambda kv: kv[1]):
+            # call $+5; pop eax; jmp [eax + (slot - address of the pop)]; eax is free at a pool routine's entry
+            body += _PIC + b"\xff\xa0" + struct.pack("<i", slot - (at + pos + 5))
+        return bytes(body), tuple(disassemble(bytes(body), self.arch, at))
 
     # --- one unit (a site, or the sites of one shared constant) ------------------------------------------------
 
@@ -349,7 +487,9 @@ class Planner:
     def _redirect_shape(self, site: CallSite) -> _Shape:
         """Which bytes the redirect replaces, and how the stub must continue."""
         raw = site.raw
-        if site.call == sm.THUNK:
+        if site.call in (sm.THUNK, "wrapper"):
+            if raw[:1] not in (b"\xe8", b"\xe9") or len(raw) != 5:
+                raise _Refused("only a direct call or jump to the wrapper can be redirected")
             target = site.rva + 5 + struct.unpack_from("<i", raw, 1)[0]
             return _Shape(site.rva, raw, (), "tail" if raw[0] == 0xE9 else "call", thunk=target)
         if site.call == sm.REGISTER_CALL:
@@ -446,6 +586,10 @@ class Planner:
             return moved + tail, (*shown, setter, f"jmp {shape.jump_reg}")
         lines = []
         where = target_api.tag_location(self.arch)
+        if site.rva in self.param_of:
+            # a call of a parameter wrapper: the tag goes where the wrapper reads that parameter
+            p = self.param_of[site.rva][1]
+            where = ("rcx", "rdx", "r8", "r9")[p - 1] if self.arch == "x64" and p <= 4 else ptr * (p - 1)
         untagged = not api.tagged
         if self.arch == "x64":
             if isinstance(where, str):
@@ -549,6 +693,37 @@ class Planner:
 
 
 _NONE = int.from_bytes(b"None", "little")
+_COPY = "wrapper-copy"
+
+
+def _call_site(c: WrapperCall, w: Wrapper, call: str, note: str) -> CallSite:
+    return CallSite(
+        rva=c.rva, size=c.size, raw=c.raw, api=w.api, role=w.role, call=call, function_rva=c.function_rva,
+        function_name=c.function_name, section=c.section, tag_source=c.tag_source, notes=(note,),
+    )
+
+
+def _unwind_of(image: Image, begin: int) -> Optional[int]:
+    import struct as _struct
+
+    from ..image import SCN_MEM_EXECUTE  # noqa: F401 - keeps image's layout knowledge in one place
+
+    d_rva = None
+    for b, e, u in _pdata_rows(image):
+        if b == begin:
+            d_rva = u
+            break
+    return d_rva
+
+
+def _pdata_rows(image: Image) -> list[tuple[int, int, int]]:
+    import struct as _struct
+
+    for sec in image.sections:
+        if sec.name == ".pdata":
+            data = image.read(sec.rva, sec.size - sec.size % 12)
+            return [r for r in _struct.iter_unpack("<III", data) if r[0]]
+    return []
 
 
 def _plain(v: Optional[int]) -> Optional[int]:
