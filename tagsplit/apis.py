@@ -10,7 +10,7 @@ one dword further than in ExAllocatePoolWithTag.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 # A tag location at the call instruction: a register name (x64) or a stack offset from the stack pointer.
 Location = Union[str, int]
@@ -25,17 +25,17 @@ class PoolApi:
     name: str
     role: str
     dll: str
-    tag_x64: Optional[Location]  # None: the routine takes no tag
-    tag_x86: Optional[int]
+    tag_x64: Location | None  # None: the routine takes no tag
+    tag_x86: int | None
     arg_bytes_x86: int  # what the stdcall callee pops
-    tagged_equivalent: Optional[str] = None  # the tagged routine with the same other arguments
+    tagged_equivalent: str | None = None  # the tagged routine with the same other arguments
     nargs: int = 3
 
     @property
     def tagged(self) -> bool:
         return self.tag_x64 is not None
 
-    def tag_location(self, arch: str) -> Optional[Location]:
+    def tag_location(self, arch: str) -> Location | None:
         return self.tag_x64 if arch == "x64" else self.tag_x86
 
 
@@ -48,7 +48,9 @@ POOL_APIS: tuple[PoolApi, ...] = (
     PoolApi("ExAllocatePool2", ALLOC, _NT, "r8", 0xC, 16),
     PoolApi("ExAllocatePool3", ALLOC, _NT, "r8", 0xC, 24, nargs=5),
     PoolApi("ExAllocatePool", ALLOC, _NT, None, None, 8, tagged_equivalent="ExAllocatePoolWithTag", nargs=2),
-    PoolApi("ExAllocatePoolWithQuota", ALLOC, _NT, None, None, 8, tagged_equivalent="ExAllocatePoolWithQuotaTag", nargs=2),
+    PoolApi(
+        "ExAllocatePoolWithQuota", ALLOC, _NT, None, None, 8, tagged_equivalent="ExAllocatePoolWithQuotaTag", nargs=2
+    ),
     PoolApi("ExFreePoolWithTag", FREE, _NT, "rdx", 0x4, 8, nargs=2),
     PoolApi("ExFreePool2", FREE, _NT, "rdx", 0x4, 16, nargs=4),
     PoolApi("ExFreePool", FREE, _NT, None, None, 4, nargs=1),
@@ -62,7 +64,7 @@ POOL_APIS: tuple[PoolApi, ...] = (
 BY_NAME: dict[str, PoolApi] = {api.name: api for api in POOL_APIS}
 
 
-def lookup(import_name: str) -> Optional[PoolApi]:
+def lookup(import_name: str) -> PoolApi | None:
     """The pool routine an import name refers to; x86 import names may carry stdcall decoration."""
     name = import_name
     if name.startswith("_"):

@@ -12,7 +12,6 @@ import itertools
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
 
 from . import tags
 from .cli import DATA
@@ -41,7 +40,7 @@ def run_demo(
     out: Path,
     minutes: int = 6,
     arch: str = "x64",
-    driver: Optional[str] = None,
+    driver: str | None = None,
     workload: str = "SampleWorkLeaky",
     tag: str = "Smpl",
     per_minute: int = 12,
@@ -94,9 +93,16 @@ def run_demo(
     def now() -> str:
         return (START + timedelta(minutes=next(clock))).isoformat().replace("+00:00", "Z")
 
-    take_live(kernel.debugger, plan, snaps, count=minutes + 1, every=60.0,
-              resume=lambda _s: kernel.call(workload, per_minute), clock=now,
-              progress=lambda s: print(f"  {s}"))
+    take_live(
+        kernel.debugger,
+        plan,
+        snaps,
+        count=minutes + 1,
+        every=60.0,
+        resume=lambda _s: kernel.call(workload, per_minute),
+        clock=now,
+        progress=lambda s: print(f"  {s}"),
+    )
 
     _step(7, "report")
     report = attribute(plan, store.read(snaps))
@@ -107,16 +113,20 @@ def run_demo(
     except Exception as e:  # matplotlib is optional
         print(f"  (no plot: {e})")
     if kernel.pool.tag_mismatches:
-        print(f"  note: {len(kernel.pool.tag_mismatches)} frees passed the old tag; harmless unless the tag is "
-              "protected (plan --split frees sets their tag to 0)")
+        print(
+            f"  note: {len(kernel.pool.tag_mismatches)} frees passed the old tag; harmless unless the tag is "
+            "protected (plan --split frees sets their tag to 0)"
+        )
 
     _step(8, "revert")
     before = kernel.debugger.module_memory(kernel.name)
     back = revert_live(journal, pykd=kernel.debugger)
     restored = kernel.debugger.module_memory(kernel.name)
     original = kernel.loaded_image
-    print(f"  {back.written} ranges restored; driver image {'identical to' if restored == original else 'DIFFERS FROM'}"
-          f" the one loaded ({len(before)} bytes)")
+    print(
+        f"  {back.written} ranges restored; driver image {'identical to' if restored == original else 'DIFFERS FROM'}"
+        f" the one loaded ({len(before)} bytes)"
+    )
     print()
     print(report.conclusion)
     return 0

@@ -8,7 +8,6 @@ frees are checked; it does not belong to the display characters.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from .errors import TagError
 
@@ -28,7 +27,7 @@ def printable(value: int) -> bool:
     return all(0x20 <= b <= 0x7E for b in raw)
 
 
-def display_or_none(value: Optional[int]) -> Optional[str]:
+def display_or_none(value: int | None) -> str | None:
     if value is None or not printable(value):
         return None
     return display(value)

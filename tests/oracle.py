@@ -6,11 +6,15 @@ routine's IAT slot. The scanner must account for every one of them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import capstone
 from capstone import x86
 
 from tagsplit import apis
-from tagsplit.image import Image
+
+if TYPE_CHECKING:
+    from tagsplit.image import Image
 
 
 def iat_references(image: Image) -> list[tuple[int, str, str]]:

@@ -7,12 +7,15 @@ import shutil
 import struct
 import subprocess
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import BIN
 
 from tagsplit.cli import main
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SAMPLE = BIN / "sample_gcc_x64_O2.sys"
 
@@ -85,7 +88,8 @@ def _link(t: Path) -> Path:
 def _one_error_line(err: str) -> None:
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("tagsplit")
+    assert "Traceback" not in err
+    assert lines[0].startswith("tagsplit")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -111,7 +115,8 @@ def test_folder_scan_continues_past_bad_files(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "bad.sys").write_bytes(b"MZ broken")
     assert main(["scan", str(tmp_path), "--tag", "Smpl"]) == 1
     out, err = capsys.readouterr()
-    assert "good.sys" in out and "bad.sys" in err
+    assert "good.sys" in out
+    assert "bad.sys" in err
 
 
 @pytest.mark.parametrize("tag", ["ABCDE", "", "0x0", "0x123456789", "\u00e9t\u00e9"])
@@ -124,7 +129,9 @@ def test_scan_traceback_free_in_a_subprocess(tmp_path: Path) -> None:
     bad = tmp_path / "x.sys"
     bad.write_bytes(b"MZ" + b"\xff" * 200)
     r = subprocess.run([sys.executable, "-m", "tagsplit.cli", "scan", str(bad)], capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 # --- plan / apply / revert ---------------------------------------------------------------------------------------
@@ -159,11 +166,20 @@ def test_apply_to_another_build(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert not out.exists()
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"schema": 99}', '{"schema": 1, "driver": {}}', "[]",
-                                     '{"schema": 1, "tool": "tagsplit", "driver": {"sha256": "' + "0" * 64 +
-                                     '", "arch": "x64", "timestamp": 0, "size_of_image": 4096, "checksum": 0, '
-                                     '"image_base": 0}, "sites": [{"rva": "0x10", "strategy": "imm", "patches": '
-                                     '[{"rva": "0x10", "original": "00", "replacement": "0000"}]}]}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"schema": 99}',
+        '{"schema": 1, "driver": {}}',
+        "[]",
+        '{"schema": 1, "tool": "tagsplit", "driver": {"sha256": "'
+        + "0" * 64
+        + '", "arch": "x64", "timestamp": 0, "size_of_image": 4096, "checksum": 0, '
+        '"image_base": 0}, "sites": [{"rva": "0x10", "strategy": "imm", "patches": '
+        '[{"rva": "0x10", "original": "00", "replacement": "0000"}]}]}',
+    ],
+)
 def test_corrupt_plan(content: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "bad.plan.json"
     p.write_text(content)
@@ -198,8 +214,9 @@ def test_corrupt_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         _one_error_line(capsys.readouterr().err)
 
 
-def test_patched_file_changed_after_apply_is_not_reverted_blindly(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_patched_file_changed_after_apply_is_not_reverted_blindly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     plan = _plan(tmp_path)
     out = tmp_path / "o.sys"
     assert main(["apply", str(plan), "--to-file", str(out)]) == 0

@@ -26,8 +26,9 @@ SPLIT_ALL = frozenset({"shared", "untagged", "frees"})
 
 
 def _constant_tags(scan) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
-    return tuple(sorted({s.tag_value for s in scan.sites if s.tag_value and s.role != "free"
-                         and tags.printable(s.tag_value)}))
+    return tuple(
+        sorted({s.tag_value for s in scan.sites if s.tag_value and s.role != "free" and tags.printable(s.tag_value)})
+    )
 
 
 @pytest.mark.parametrize("split", [frozenset(), SPLIT_ALL], ids=["default", "split-all"])
@@ -72,8 +73,11 @@ def test_plan_apply_rescan_verify(path: Path, split: frozenset, tmp_path: Path) 
             at = next((p.rva for p in sp.patches if p.rva <= sp.rva < p.end), sp.rva)
             assert rescan[at].tag_value == 0
     if "shared" in split:
-        units = [sp.new_tag for sp in plan.sites if sp.strategy in ("imm", "stub") and sp.role != "free"
-                 and not sp.shared_with]
+        units = [
+            sp.new_tag
+            for sp in plan.sites
+            if sp.strategy in ("imm", "stub") and sp.role != "free" and not sp.shared_with
+        ]
         assert len(units) == len(set(units)), "two split sites got the same new tag"
 
     # the patched code runs right
@@ -105,11 +109,13 @@ def test_new_tags_follow_the_rules_and_avoid_known_tags(tmp_path: Path) -> None:
     avoid = tmp_path / "pooltag.txt"
     avoid.write_text("rem test\nPS01 - x.sys - taken\nPS0? - y.sys - wildcard\n")
     plan_file = tmp_path / "p.plan.json"
-    assert main(["plan", str(drv), "--tag", "PShr", "--avoid", str(avoid), "--split", "shared",
-                 "-o", str(plan_file)]) == 0
+    assert (
+        main(["plan", str(drv), "--tag", "PShr", "--avoid", str(avoid), "--split", "shared", "-o", str(plan_file)]) == 0
+    )
     plan = pm.load(plan_file)
     new = [s.new_tag for s in plan.sites if s.new_tag]
-    assert new and all(not tags.problems(t) for t in new)
+    assert new
+    assert all(not tags.problems(t) for t in new)
     shown = {tags.display(t) for t in new}
     assert not any(t.startswith("PS0") for t in shown), shown
     assert (tmp_path / "p.pooltag.txt").read_text().count(" - patterns_clang_x64.sys - site ") == len(plan.sites)
@@ -120,7 +126,8 @@ def test_protected_tag_keeps_its_bit(tmp_path: Path) -> None:
     scan = scan_image(image)
     plan = make_plan(image, scan, Options((tags.parse("Prot"),)))
     allocs = [s for s in plan.sites if s.role == "alloc"]
-    assert allocs and all(s.new_tag and s.new_tag & tags.PROTECTED_POOL for s in allocs)
+    assert allocs
+    assert all(s.new_tag and s.new_tag & tags.PROTECTED_POOL for s in allocs)
 
 
 def test_committed_plans_for_the_bundled_samples_are_current() -> None:

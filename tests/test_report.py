@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import BIN
@@ -27,6 +27,9 @@ from tagsplit.sites import scan_image
 from tagsplit.snapshots import parse_poolused, store
 from tagsplit.snapshots.take import take_live
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 T0 = datetime(2026, 1, 1, 9, 0, tzinfo=timezone.utc)
 
 
@@ -43,25 +46,35 @@ def _run(driver: Path, workload: str, tmp: Path, tag: str = "Smpl", minutes: int
     kernel = EmulatedKernel(image)
     apply_live(plan_path, tmp / "journal.json", pykd=kernel.debugger)
     out = tmp / "snaps.jsonl"
-    take_live(kernel.debugger, plan, out, count=minutes + 1, every=60, resume=lambda _s: kernel.call(workload, 9),
-              clock=_clock(), progress=lambda _s: None)
+    take_live(
+        kernel.debugger,
+        plan,
+        out,
+        count=minutes + 1,
+        every=60,
+        resume=lambda _s: kernel.call(workload, 9),
+        clock=_clock(),
+        progress=lambda _s: None,
+    )
     return plan, kernel, attribute(plan, store.read(out))
 
 
-@pytest.mark.parametrize("name", ["sample_gcc_x64_O2", "sample_clang_x86", "sample_gcc_x86_pushargs",
-                                  "sample_clang_x64_tail"])
+@pytest.mark.parametrize(
+    "name", ["sample_gcc_x64_O2", "sample_clang_x86", "sample_gcc_x86_pushargs", "sample_clang_x64_tail"]
+)
 def test_leaking_site_is_identified(name: str, tmp_path: Path) -> None:
     truth = json.loads((BIN / f"{name}.truth.json").read_text())
-    plan, kernel, report = _run(BIN / f"{name}.sys", "SampleWorkLeaky", tmp_path)
+    _plan, _kernel, report = _run(BIN / f"{name}.sys", "SampleWorkLeaky", tmp_path)
     assert report.leaking is not None, report.conclusion
     # the truth file (from the C source) says which function's allocation leaks
-    leak_fn = {leak["function"] for w in truth["workloads"] if w["export"] == "SampleWorkLeaky"
-               for leak in w["leaks"]}
+    leak_fn = {leak["function"] for w in truth["workloads"] if w["export"] == "SampleWorkLeaky" for leak in w["leaks"]}
     assert leak_fn
     assert report.leaking.functions[0] in leak_fn
-    assert report.leaking.growth_bytes_per_min and report.leaking.growth_bytes_per_min > 0
+    assert report.leaking.growth_bytes_per_min
+    assert report.leaking.growth_bytes_per_min > 0
     assert all((r.growth_bytes_per_min or 0) == 0 for r in report.rows if r is not report.leaking)
-    assert "Most likely leak" in report.conclusion and report.leaking.functions[0] in report.conclusion
+    assert "Most likely leak" in report.conclusion
+    assert report.leaking.functions[0] in report.conclusion
 
 
 def test_balanced_workload_reports_no_leak(tmp_path: Path) -> None:
@@ -95,7 +108,8 @@ def test_poolfind_lists_the_outstanding_blocks() -> None:
     kernel = EmulatedKernel(BIN / "sample_gcc_x64_O2.sys")
     kernel.call("SampleWorkLeaky", 9)
     blocks = parse_poolfind(kernel.debugger.dbgCommand("!poolfind Smpl 0") or "")
-    assert len(blocks) == 3 and all(b.tag == "Smpl" and b.size == 0x58 for b in blocks)
+    assert len(blocks) == 3
+    assert all(b.tag == "Smpl" and b.size == 0x58 for b in blocks)
 
 
 def test_protected_tag_mismatch_on_free_bugchecks() -> None:
@@ -111,16 +125,18 @@ def test_protected_tag_mismatch_on_free_bugchecks() -> None:
 
 
 def test_report_formats_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    plan, _, report = _run(BIN / "sample_gcc_x64_O2.sys", "SampleWorkLeaky", tmp_path)
+    _plan, _, report = _run(BIN / "sample_gcc_x64_O2.sys", "SampleWorkLeaky", tmp_path)
     doc = json.loads(render_json(report))
-    assert doc["schema"] == 1 and doc["sites"][0]["rank"] == 1
+    assert doc["schema"] == 1
+    assert doc["sites"][0]["rank"] == 1
     assert doc["sites"][0]["new_tag"] == tags.display(report.leaking.new_tag)  # type: ignore[union-attr]
     assert {"rva", "new_tag", "outstanding_bytes", "outstanding_allocs", "growth_bytes_per_min"} <= set(doc["sites"][0])
     assert render_csv(report).splitlines()[0].startswith("rank,rva,")
     assert "| rank |" in render_text(report, markdown=True)
     png = tmp_path / "g.png"
-    assert main(["report", str(tmp_path / "plan.json"), str(tmp_path / "snaps.jsonl"), "--json", "--plot",
-                 str(png)]) == 0
+    assert (
+        main(["report", str(tmp_path / "plan.json"), str(tmp_path / "snaps.jsonl"), "--json", "--plot", str(png)]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["leaking_site"] == doc["leaking_site"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -136,7 +152,8 @@ def test_snapshot_from_a_saved_log(tmp_path: Path) -> None:
     out = tmp_path / "s.jsonl"
     assert main(["snapshot", "--from", str(log), "-o", str(out)]) == 0
     (snap,) = store.read(out)
-    assert snap.time == "2026-11-26T10:00:00Z" and snap.usages[0].tag == "Sm01"
+    assert snap.time == "2026-11-26T10:00:00Z"
+    assert snap.usages[0].tag == "Sm01"
     assert main(["snapshot", "--from", str(log), "--at", "2026-11-26T10:05:00Z", "-o", str(out)]) == 0
     assert [s.time for s in store.read(out)] == ["2026-11-26T10:00:00Z", "2026-11-26T10:05:00Z"]
 
@@ -144,12 +161,13 @@ def test_snapshot_from_a_saved_log(tmp_path: Path) -> None:
 def test_demo_names_the_leak_from_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path), "--minutes", "3"]) == 0
     out = capsys.readouterr().out
-    assert "Most likely leak" in out and "SampleAllocRecord" in out.splitlines()[-1]
+    assert "Most likely leak" in out
+    assert "SampleAllocRecord" in out.splitlines()[-1]
     assert "identical to the one loaded" in out
     assert (tmp_path / "sample_x64.growth.png").is_file()
 
 
 def test_live_revert_restores_the_emulated_driver(tmp_path: Path) -> None:
-    plan, kernel, _ = _run(BIN / "sample_clang_x86.sys", "SampleWorkLeaky", tmp_path, minutes=1)
+    _plan, kernel, _ = _run(BIN / "sample_clang_x86.sys", "SampleWorkLeaky", tmp_path, minutes=1)
     revert_live(tmp_path / "journal.json", pykd=kernel.debugger)
     assert kernel.debugger.module_memory(kernel.name) == kernel.loaded_image

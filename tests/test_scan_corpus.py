@@ -5,7 +5,7 @@ Skipped when ../shared/corpus is absent.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import BIN, corpus_drivers
@@ -14,6 +14,9 @@ from oracle import iat_references
 from tagsplit.errors import UnsupportedImageError
 from tagsplit.image import load
 from tagsplit.sites import scan_image
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DRIVERS = [p for p in corpus_drivers() if "arm64" not in p.name] + sorted(BIN.glob("*.sys"))
 
@@ -62,7 +65,8 @@ def test_constant_tags_resolved_and_others_explained(path: Path) -> None:
     for s in scan.sites:
         ts = s.tag_source
         if ts.kind == "imm":
-            assert ts.value is not None and ts.rva is not None
+            assert ts.value is not None
+            assert ts.rva is not None
         else:
             assert ts.detail, f"site {s.rva:#x}: unresolved tag ({ts.kind}) without a reason"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import BIN, corpus_param
@@ -17,6 +17,9 @@ from tagsplit.image import load
 from tagsplit.plan.make import Options, make_plan
 from tagsplit.sites import scan_image
 from tagsplit.sites.wrappers import find_wrappers
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 WRAPPER_BINS = sorted(BIN.glob("wrappers_*.sys"))
 
@@ -36,7 +39,8 @@ def test_every_wrapper_call_is_found(path: Path) -> None:
             w = next(w for w in wrappers if w.name == c["wrapper"])
             assert w.address_taken, f"{c['wrapper']} is called through a pointer; its address must be reported"
     kinds = {w.name: w.kind for w in wrappers}
-    assert kinds.get("W_AllocFixed") == "fixed" and kinds.get("W_AllocTag") == "param"
+    assert kinds.get("W_AllocFixed") == "fixed"
+    assert kinds.get("W_AllocTag") == "param"
 
 
 @pytest.mark.parametrize("path", WRAPPER_BINS, ids=lambda p: p.stem)
@@ -56,11 +60,28 @@ def test_wrapper_callers_split_and_verified(path: Path, tag: str, split: set[str
 
 @pytest.mark.parametrize("name", ["wrappers_gcc_x64_O2", "wrappers_clang_x86"])
 def test_demo_names_the_leaking_caller(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["demo", "--out", str(tmp_path), "--minutes", "3", "--driver", str(BIN / f"{name}.sys"),
-                 "--workload", "WrapWorkLeaky", "--tag", "WFix", "--split", "wrappers"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--minutes",
+            "3",
+            "--driver",
+            str(BIN / f"{name}.sys"),
+            "--workload",
+            "WrapWorkLeaky",
+            "--tag",
+            "WFix",
+            "--split",
+            "wrappers",
+        ]
+    )
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "Most likely leak" in last and "W_CallerB" in last and "W_AllocFixed" not in last
+    assert "Most likely leak" in last
+    assert "W_CallerB" in last
+    assert "W_AllocFixed" not in last
 
 
 def test_system_informer_wrapper_callers() -> None:
@@ -69,9 +90,11 @@ def test_system_informer_wrapper_callers() -> None:
     scan = scan_image(image)
     wrappers = find_wrappers(image, scan)
     allocs = [w for w in wrappers if w.api == "ExAllocatePoolWithTag"]
-    assert allocs and all(w.kind == "param" for w in allocs)
+    assert allocs
+    assert all(w.kind == "param" for w in allocs)
     passed = Counter(tags.display_or_none(c.tag_value) for w in allocs for c in w.calls if c.tag_source.kind == "imm")
-    assert passed["Kpc0"] >= 2 and len(passed) > 20  # the tags sit at the wrappers' callers
+    assert passed["Kpc0"] >= 2
+    assert len(passed) > 20
     plan = make_plan(image, scan, Options((tags.parse("KpO0"), tags.parse("KpC2"))))
     assert [s for s in plan.sites if s.strategy == "imm"]
     bad = [c for c in verify(plan, image, path.read_bytes()) if not c.ok]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from .. import apis, tags
 from ..errors import TagsplitError
@@ -86,17 +85,16 @@ class Pool:
         books.bytes[paged] += size
         return addr
 
-    def free(self, address: int, tag: Optional[int]) -> None:
+    def free(self, address: int, tag: int | None) -> None:
         block = self.blocks.pop(address, None)
         if block is None:
             raise BugCheck(0xC2, 0x7, 0, address)  # BAD_POOL_CALLER: freeing a block that is not allocated
         stored = block.tag
-        if tag:
-            if (tag & ~tags.PROTECTED_POOL) != (stored & ~tags.PROTECTED_POOL):
-                if stored & tags.PROTECTED_POOL:
-                    # the check ReactOS makes (expool.c) and old NT made for protected tags
-                    raise BugCheck(0xC2, 0x0A, address, stored, tag)
-                self.tag_mismatches.append((address, stored, tag))
+        if tag and (tag & ~tags.PROTECTED_POOL) != (stored & ~tags.PROTECTED_POOL):
+            if stored & tags.PROTECTED_POOL:
+                # the check ReactOS makes (expool.c) and old NT made for protected tags
+                raise BugCheck(0xC2, 0x0A, address, stored, tag)
+            self.tag_mismatches.append((address, stored, tag))
         books = self.books[stored & ~tags.PROTECTED_POOL]
         books.frees[block.paged] += 1
         books.bytes[block.paged] -= block.size
@@ -107,7 +105,7 @@ class Pool:
 class EmulatedKernel:
     """A driver loaded into the emulated kernel. `debugger` is its WinDbg view (pass it as `pykd=`)."""
 
-    def __init__(self, driver: str | Path | Image, name: Optional[str] = None) -> None:
+    def __init__(self, driver: str | Path | Image, name: str | None = None) -> None:
         image = driver if isinstance(driver, Image) else load(driver)
         self.image = image
         self.name = name or Path(image.name).stem
@@ -179,7 +177,7 @@ class EmulatedKernel:
             sp -= 8
         m.write(sp, frame)
         m.uc.reg_write(m.sp_reg, sp)
-        self._result: Optional[int] = None
+        self._result: int | None = None
         m.calls.clear()
         try:
             m.run(m.base + self.export(export), count=limit)
@@ -261,7 +259,7 @@ class EmulatedKernel:
         words = command.split()
         flags = int(words[1], 0) if len(words) > 1 else 0
         pattern = words[2] if len(words) > 2 else None
-        usages = [u for u in self.usages() if pattern is None or _matches(getattr(u, "tag"), pattern)]
+        usages = [u for u in self.usages() if pattern is None or _matches(u.tag, pattern)]
         return render_poolused(usages, flags)
 
     def _poolfind(self, command: str) -> str:

@@ -9,13 +9,15 @@ driver code can run from an arbitrary starting point with made-up register value
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable
 
 import unicorn
 from unicorn import x86_const as X
 
-from ..image import Image, Import
 from .mapping import map_image
+
+if TYPE_CHECKING:
+    from ..image import Image, Import
 
 PAGE = 0x1000
 # unicorn cannot fetch instructions from the kernel half of the x64 address space (0xffff8000...), so the emulated
@@ -27,14 +29,30 @@ STACK_SIZE = 0x20000
 SCRATCH = {"x64": 0x7FF030000000, "x86": 0xB0000000}
 
 _REGS64 = {
-    "rax": X.UC_X86_REG_RAX, "rbx": X.UC_X86_REG_RBX, "rcx": X.UC_X86_REG_RCX, "rdx": X.UC_X86_REG_RDX,
-    "rsi": X.UC_X86_REG_RSI, "rdi": X.UC_X86_REG_RDI, "rbp": X.UC_X86_REG_RBP, "r8": X.UC_X86_REG_R8,
-    "r9": X.UC_X86_REG_R9, "r10": X.UC_X86_REG_R10, "r11": X.UC_X86_REG_R11, "r12": X.UC_X86_REG_R12,
-    "r13": X.UC_X86_REG_R13, "r14": X.UC_X86_REG_R14, "r15": X.UC_X86_REG_R15,
+    "rax": X.UC_X86_REG_RAX,
+    "rbx": X.UC_X86_REG_RBX,
+    "rcx": X.UC_X86_REG_RCX,
+    "rdx": X.UC_X86_REG_RDX,
+    "rsi": X.UC_X86_REG_RSI,
+    "rdi": X.UC_X86_REG_RDI,
+    "rbp": X.UC_X86_REG_RBP,
+    "r8": X.UC_X86_REG_R8,
+    "r9": X.UC_X86_REG_R9,
+    "r10": X.UC_X86_REG_R10,
+    "r11": X.UC_X86_REG_R11,
+    "r12": X.UC_X86_REG_R12,
+    "r13": X.UC_X86_REG_R13,
+    "r14": X.UC_X86_REG_R14,
+    "r15": X.UC_X86_REG_R15,
 }
 _REGS32 = {
-    "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX, "rdx": X.UC_X86_REG_EDX,
-    "rsi": X.UC_X86_REG_ESI, "rdi": X.UC_X86_REG_EDI, "rbp": X.UC_X86_REG_EBP,
+    "rax": X.UC_X86_REG_EAX,
+    "rbx": X.UC_X86_REG_EBX,
+    "rcx": X.UC_X86_REG_ECX,
+    "rdx": X.UC_X86_REG_EDX,
+    "rsi": X.UC_X86_REG_ESI,
+    "rdi": X.UC_X86_REG_EDI,
+    "rbp": X.UC_X86_REG_EBP,
 }
 
 
@@ -58,7 +76,7 @@ class Stop(Exception):
 class Machine:
     image: Image
     base: int = 0
-    memory: Optional[bytes] = None  # the mapped image; default: map_image(image, base)
+    memory: bytes | None = None  # the mapped image; default: map_image(image, base)
     handlers: dict[str, Handler] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
 

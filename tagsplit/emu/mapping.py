@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..image import Image, Import
+if TYPE_CHECKING:
+    from ..image import Image, Import
 
 _ICO_CALL = re.compile(rb"\x48\xff\x15(.{4})\x0f\x1f\x44\x00\x00", re.S)
 

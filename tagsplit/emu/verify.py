@@ -12,7 +12,6 @@ VirtualSize widened, checksum recomputed) and then loaded like the kernel would,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import capstone
 import unicorn
@@ -43,7 +42,7 @@ class Check:
 class Observed:
     api: str
     args: tuple[int, ...]  # every argument slot, tag slot included
-    tag: Optional[int]
+    tag: int | None
     after_sp: int
     after_ax: int
 
@@ -64,7 +63,7 @@ def patched_file_bytes(plan: Plan, image: Image, data: bytes) -> bytes:
     return bytes(pf.buf)
 
 
-def _tag_slot(api: apis.PoolApi, arch: str) -> Optional[tuple[str, int]]:
+def _tag_slot(api: apis.PoolApi, arch: str) -> tuple[str, int] | None:
     where = api.tag_location(arch)
     if where is None:
         return None
@@ -76,9 +75,14 @@ def _tag_slot(api: apis.PoolApi, arch: str) -> Optional[tuple[str, int]]:
 
 
 def _observe(
-    machine: Machine, start: int, site: CallSite, site_end: int, seed: int, forced: Optional[dict[int, int]] = None,
-    entry: Optional[int] = None,
-) -> Optional[Observed]:
+    machine: Machine,
+    start: int,
+    site: CallSite,
+    site_end: int,
+    seed: int,
+    forced: dict[int, int] | None = None,
+    entry: int | None = None,
+) -> Observed | None:
     """Run from `start`; the first pool call made after execution reaches the site is the site's call.
 
     `forced` maps conditional branches (RVA) to the RVA execution must continue at: a directed run along one
@@ -96,8 +100,9 @@ def _observe(
             uc.reg_write(machine.pc_reg, machine.base + forced[address - machine.base])
 
     for rva in forced or {}:
-        hooks.append(machine.uc.hook_add(unicorn.UC_HOOK_CODE, on_branch, begin=machine.base + rva,
-                                         end=machine.base + rva))
+        hooks.append(
+            machine.uc.hook_add(unicorn.UC_HOOK_CODE, on_branch, begin=machine.base + rva, end=machine.base + rva)
+        )
 
     def on_site(uc: object, address: int, size: int, data: object) -> None:
         state["at_site"] = 1
@@ -169,7 +174,7 @@ def _starts(code: FunctionCode, site: CallSite) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def _path(code: FunctionCode, start: int, goal: int) -> Optional[dict[int, int]]:
+def _path(code: FunctionCode, start: int, goal: int) -> dict[int, int] | None:
     """Conditional branches to force, and where, so that a run from `start` follows a CFG path to `goal`."""
     a, b = code.at(start), code.at(goal)
     if a is None or b is None:
@@ -201,7 +206,7 @@ def _path(code: FunctionCode, start: int, goal: int) -> Optional[dict[int, int]]
     return forced
 
 
-def _compare(orig: Observed, new: Observed, api: apis.PoolApi, arch: str, site_plan: Optional[SitePlan]) -> str:
+def _compare(orig: Observed, new: Observed, api: apis.PoolApi, arch: str, site_plan: SitePlan | None) -> str:
     """Empty when the patched run is right; otherwise what differs."""
     if new.after_sp != orig.after_sp:
         return f"stack pointer after the call differs ({new.after_sp:#x} vs {orig.after_sp:#x})"
@@ -253,17 +258,34 @@ def verify(plan: Plan, image: Image, data: bytes) -> list[Check]:
     file_only = {r for p in plan.patches() if p.scope != CODE for r in range(p.rva, p.end)}
     reloc = next((s for s in image.sections if s.name.lower() == ".reloc"), None)
     diffs = [
-        i for i in range(len(live))
-        if live[i] != from_file[i] and i not in file_only and not (reloc and reloc.rva <= i < reloc.end)
+        i
+        for i in range(len(live))
+        if live[i] != from_file[i]
+        and i not in file_only
+        and not (reloc and reloc.rva <= i < reloc.end)
         and not (0x40 <= i < 0x400)  # header: checksum and VirtualSize
     ]
-    checks.append(Check(-1, not diffs, "file and live routes give the same resident code" if not diffs
-                        else f"file and live routes differ at {', '.join(hex(d) for d in diffs[:5])}"))
+    checks.append(
+        Check(
+            -1,
+            not diffs,
+            "file and live routes give the same resident code"
+            if not diffs
+            else f"file and live routes differ at {', '.join(hex(d) for d in diffs[:5])}",
+        )
+    )
     planned = {r for p in plan.patches() for r in range(p.rva, p.end)}
     orig_map = map_image(image, base, orig_machine._resolve)
     outside = [i for i in range(len(live)) if live[i] != orig_map[i] and i not in planned]
-    checks.append(Check(-1, not outside, "no byte outside the planned ranges changed" if not outside
-                        else f"bytes changed outside the plan at {', '.join(hex(d) for d in outside[:5])}"))
+    checks.append(
+        Check(
+            -1,
+            not outside,
+            "no byte outside the planned ranges changed"
+            if not outside
+            else f"bytes changed outside the plan at {', '.join(hex(d) for d in outside[:5])}",
+        )
+    )
 
     scan = scan_image(image)
     by_rva = {s.rva: s for s in scan.sites}
@@ -295,7 +317,7 @@ def verify(plan: Plan, image: Image, data: bytes) -> list[Check]:
         # a call of one of the driver's own allocation wrappers (split at the caller)
         pseudo = _caller_site(image, sp, plans)
         fn = image.function_at(rva)
-        if pseudo is None or fn is None and pseudo.function_rva is None:
+        if pseudo is None or (fn is None and pseudo.function_rva is None):
             checks.append(Check(rva, False, "planned site is not a call in the driver"))
             continue
         entry = fn.rva if fn is not None else pseudo.function_rva
@@ -305,7 +327,7 @@ def verify(plan: Plan, image: Image, data: bytes) -> list[Check]:
     return checks
 
 
-def _caller_site(image: Image, sp: SitePlan, plans: dict[int, SitePlan]) -> Optional[CallSite]:
+def _caller_site(image: Image, sp: SitePlan, plans: dict[int, SitePlan]) -> CallSite | None:
     """A plan site that is not a pool call of its own (a wrapper's caller), as a CallSite to run and check."""
     from ..sites.model import Instruction, TagSource
     from ..sites.refs import FunctionStarts
@@ -322,22 +344,38 @@ def _caller_site(image: Image, sp: SitePlan, plans: dict[int, SitePlan]) -> Opti
         p = owner.patches[0]
         text = next(cs.disasm_lite(p.original, p.rva, 1))
         off = next(i for i in range(len(p.original)) if p.original[i] != p.replacement[i])
-        source = TagSource(sm.IMM, value=sp.old_tag, insn=Instruction(p.rva, p.original, f"{text[2]} {text[3]}"),
-                           imm_offset=off)
+        source = TagSource(
+            sm.IMM, value=sp.old_tag, insn=Instruction(p.rva, p.original, f"{text[2]} {text[3]}"), imm_offset=off
+        )
     fn = image.function_at(sp.rva)
     if fn is not None:
-        entry: Optional[int] = fn.rva
+        entry: int | None = fn.rva
     else:
         b = FunctionStarts(image).bounds(sp.rva)
         entry = b[0] if b else None
     call = "wrapper-tail" if raw[:1] == b"\xe9" else "wrapper"
-    return CallSite(rva=sp.rva, size=len(raw), raw=raw, api=sp.api, role=sp.role, call=call, function_rva=entry,
-                    function_name=sp.function, section=sp.section, tag_source=source)
+    return CallSite(
+        rva=sp.rva,
+        size=len(raw),
+        raw=raw,
+        api=sp.api,
+        role=sp.role,
+        call=call,
+        function_rva=entry,
+        function_name=sp.function,
+        section=sp.section,
+        tag_source=source,
+    )
 
 
 def _check_site(
-    orig: Machine, patched: Machine, code: FunctionCode, site: CallSite, sp: Optional[SitePlan],
-    api: apis.PoolApi, arch: str,
+    orig: Machine,
+    patched: Machine,
+    code: FunctionCode,
+    site: CallSite,
+    sp: SitePlan | None,
+    api: apis.PoolApi,
+    arch: str,
 ) -> Check:
     site_end = site.rva + site.size
     entry = site.rva
@@ -349,7 +387,7 @@ def _check_site(
                 entry = p.rva
     ts = site.tag_source
     in_place = ts.kind == sm.IMM and ts.value is not None
-    attempts: list[tuple[int, int, Optional[dict[int, int]]]] = [
+    attempts: list[tuple[int, int, dict[int, int] | None]] = [
         (start, seed, None) for start in _starts(code, site) for seed in (1, 2, 3)
     ]
     for start in _starts(code, site):

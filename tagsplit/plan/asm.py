@@ -74,4 +74,3 @@ def retag(raw: bytes, text: str, imm_offset: int, new: int, arch: str, address: 
     if disassemble(direct, arch, address) == [new_text]:
         return direct
     raise DisasmError(f"cannot re-encode `{text}` with tag {new:#010x} in {len(raw)} bytes")
-

@@ -10,8 +10,10 @@ Two kinds, both in executable sections that are neither discardable (INIT) nor p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..image import Image, Section
+if TYPE_CHECKING:
+    from ..image import Image, Section
 
 PAGE = 0x1000
 ALIGN = 16
@@ -51,8 +53,10 @@ def find_caves(image: Image, min_size: int = 16) -> list[Cave]:
                 run_end += 1
             # keep the first int3 as a separator after whatever precedes the run
             start = (pos + 1 + ALIGN - 1) // ALIGN * ALIGN
-            if run_end - start >= min_size and not _overlaps(covered, start, run_end) and not image.relocated_in(
-                start, run_end - start
+            if (
+                run_end - start >= min_size
+                and not _overlaps(covered, start, run_end)
+                and not image.relocated_in(start, run_end - start)
             ):
                 out.append(Cave(start, run_end - start, "padding", sec.name))
             pos = run_end

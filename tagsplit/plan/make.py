@@ -17,11 +17,10 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from .. import apis, tags
 from ..errors import DisasmError, PlanError, TagError
-from ..image import Image
 from ..sites import model as sm
 from ..sites.model import CallSite, DriverScan
 from ..sites.wrappers import FIXED as FIXED_WRAPPER
@@ -32,6 +31,9 @@ from .asm import assemble, disassemble, retag
 from .caves import Cave, CaveSpace, find_caves
 from .model import FILE_ONLY, Driver, Patch, Plan, SitePlan
 from .newtags import Avoid, pick, prefix_of
+
+if TYPE_CHECKING:
+    from ..image import Image
 
 SPLITS = ("shared", "untagged", "frees", "wrappers")
 _NOP = {1: b"\x90", 2: b"\x66\x90", 7: b"\x0f\x1f\x80\x00\x00\x00\x00"}
@@ -44,7 +46,7 @@ _PIC = b"\xe8\x00\x00\x00\x00\x58"
 @dataclass(frozen=True)
 class Options:
     tags: tuple[int, ...]
-    prefix: Optional[str] = None
+    prefix: str | None = None
     avoid: Avoid = field(default_factory=Avoid)
     split: frozenset[str] = frozenset()
 
@@ -59,10 +61,10 @@ class _Shape:
     replaced: bytes
     alternatives: tuple[str, ...]
     kind: str  # "call" or "tail"
-    thunk: Optional[int] = None
+    thunk: int | None = None
     displaced_insns: tuple[object, ...] = ()  # sites.semantics.Insn, moved into the stub
     displaced_text: tuple[str, ...] = ()
-    jump_reg: Optional[str] = None
+    jump_reg: str | None = None
 
     @property
     def displaced(self) -> bool:
@@ -86,7 +88,9 @@ def _movable(insn: object, arch: str) -> bool:
     if mn.startswith(("j", "call", "ret", "push", "pop", "loop", "enter", "leave", "int", "lea")):
         return False
     regs = [t for t in re.split(r"[^a-z0-9]+", ops.replace("ptr", "")) if t]
-    if any(r in ("rsp", "esp", "sp", "spl") for r in regs) and not re.search(r"\[(rsp|esp)( [+-] 0x[0-9a-f]+| [+-] \d+)?\]", ops):
+    if any(r in ("rsp", "esp", "sp", "spl") for r in regs) and not re.search(
+        r"\[(rsp|esp)( [+-] 0x[0-9a-f]+| [+-] \d+)?\]", ops
+    ):
         return False
     return "rip" not in regs or bool(re.search(r"\[rip [+-] 0x[0-9a-f]+\]", ops))
 
@@ -156,11 +160,12 @@ class Planner:
                 raise TagError(f"tag {tags.hex_value(t)} breaks the tag rules: {'; '.join(tags.problems(t))}")
         untagged = "untagged" in self.options.split
         chosen = [
-            s for s in self.scan.sites
+            s
+            for s in self.scan.sites
             if s.role != apis.FREE and (_plain(s.tag_value) in suspects or (untagged and _untagged(s)))
         ]
         wrapper_sites, copies = self._wrapper_sites(suspects)
-        copied = {c.rva for c, _w in copies}
+        {c.rva for c, _w in copies}
         chosen += [w for w in wrapper_sites if w.role != apis.FREE]
         if copies:
             # each caller of a fixed-tag wrapper gets its own copy; the wrapper's own site keeps the old tag
@@ -189,16 +194,16 @@ class Planner:
         for s in chosen:
             ts = s.tag_source
             shared = s.shared_with or ts.other_sources
-            if ts.kind == sm.IMM and ts.rva is not None and ts.imm_offset is not None and shared:
-                if "shared" not in self.options.split and not ts.other_sources:
-                    groups[ts.rva].append(s)
-                    continue
+            groupable = ts.kind == sm.IMM and ts.rva is not None and ts.imm_offset is not None and shared
+            if groupable and "shared" not in self.options.split and not ts.other_sources:
+                groups[ts.rva].append(s)  # type: ignore[index]
+                continue
             singles.append(s)
         units: list[list[CallSite]] = [[s] for s in singles] + list(groups.values()) + [[c] for c, _w in copies]
         units.sort(key=lambda u: min(x.rva for x in u))
 
         new_tags: dict[int, int] = {}
-        by_old: dict[Optional[int], list[list[CallSite]]] = defaultdict(list)
+        by_old: dict[int | None, list[list[CallSite]]] = defaultdict(list)
         for u in units:
             by_old[_plain(u[0].tag_value)].append(u)
         for old, us in sorted(by_old.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
@@ -225,19 +230,30 @@ class Planner:
                     if r not in members and r in by_rva:
                         other = by_rva[r]
                         riding.add(r)
-                        plans.append(self._site_plan(
-                            other, new_tags[u[0].rva], model.IMM,
-                            f"its tag comes from the constant edited for site {u[0].rva:#x}, so it changes with it"
-                            + (" (a free with the new tag: consistent)" if other.role == apis.FREE else ""),
-                            (), tuple(sorted(members))))
+                        plans.append(
+                            self._site_plan(
+                                other,
+                                new_tags[u[0].rva],
+                                model.IMM,
+                                f"its tag comes from the constant edited for site {u[0].rva:#x}, so it changes with it"
+                                + (" (a free with the new tag: consistent)" if other.role == apis.FREE else ""),
+                                (),
+                                tuple(sorted(members)),
+                            )
+                        )
         frees = [s for s in frees if s.rva not in riding]
         free_plans: list[SitePlan] = []
         if "frees" in self.options.split:
             plans.extend(self._plan_free(s) for s in frees)
         else:
             free_plans = [
-                self._site_plan(s, None, model.REFUSED, "left unchanged: frees with the old tag, which is harmless "
-                                "unless the tag is protected or a checking kernel is in use; --split frees sets it to 0")
+                self._site_plan(
+                    s,
+                    None,
+                    model.REFUSED,
+                    "left unchanged: frees with the old tag, which is harmless "
+                    "unless the tag is protected or a checking kernel is in use; --split frees sets it to 0",
+                )
                 for s in frees
             ]
         self._widen_slack(plans)
@@ -247,9 +263,14 @@ class Planner:
             tags=tuple(sorted(self.options.tags)),
             sites=tuple(plans),
             free_sites=tuple(free_plans),
-            options={"split": sorted(self.options.split), "prefix": self.options.prefix,
-                     "wrappers": [{"rva": f"{w.rva:#x}", "name": w.name, "kind": w.kind, "api": w.api,
-                                   "callers": len(w.calls)} for w in self.wrappers]},
+            options={
+                "split": sorted(self.options.split),
+                "prefix": self.options.prefix,
+                "wrappers": [
+                    {"rva": f"{w.rva:#x}", "name": w.name, "kind": w.kind, "api": w.api, "callers": len(w.calls)}
+                    for w in self.wrappers
+                ],
+            },
         )
         model.check(plan)
         return plan
@@ -265,11 +286,17 @@ class Planner:
         for w in self.wrappers:
             for c in w.calls:
                 if w.kind == PARAM_WRAPPER and _plain(c.tag_value) in suspects:
-                    site = _call_site(c, w, "wrapper", f"passes the tag to {w.name or hex(w.rva)} (parameter {w.param})")
+                    site = _call_site(
+                        c, w, "wrapper", f"passes the tag to {w.name or hex(w.rva)} (parameter {w.param})"
+                    )
                     self.param_of[c.rva] = (w.rva if c.via is None else c.via, w.param or 0)
                     params.append(site)
-                elif (w.kind == FIXED_WRAPPER and "wrappers" in self.options.split and w.role == apis.ALLOC
-                      and _plain(c.tag_value) in suspects):
+                elif (
+                    w.kind == FIXED_WRAPPER
+                    and "wrappers" in self.options.split
+                    and w.role == apis.ALLOC
+                    and _plain(c.tag_value) in suspects
+                ):
                     copies.append((_call_site(c, w, _COPY, f"calls {w.name or hex(w.rva)}, a fixed-tag wrapper"), w))
         from ..sites.scan import _mark_shared
 
@@ -291,13 +318,22 @@ class Planner:
         rel = cave.rva - (site.rva + 5)
         redirect = site.raw[:1] + struct.pack("<i", rel)
         patches = (
-            Patch(cave.rva, self.image.read(cave.rva, len(code)), code,
-                  f"stub: copy of {wrapper.name or hex(wrapper.rva)} with tag {tags.display(new)} for this caller"),
+            Patch(
+                cave.rva,
+                self.image.read(cave.rva, len(code)),
+                code,
+                f"stub: copy of {wrapper.name or hex(wrapper.rva)} with tag {tags.display(new)} for this caller",
+            ),
             Patch(site.rva, site.raw, redirect, "call redirected to the wrapper's copy"),
         )
-        return self._site_plan(site, new, model.STUB,
-                               f"own copy of the fixed-tag wrapper {wrapper.name or hex(wrapper.rva)}", patches,
-                               stub=(cave, code, text))
+        return self._site_plan(
+            site,
+            new,
+            model.STUB,
+            f"own copy of the fixed-tag wrapper {wrapper.name or hex(wrapper.rva)}",
+            patches,
+            stub=(cave, code, text),
+        )
 
     def _wrapper_copy(self, wrapper: Wrapper, new: int, at: int) -> tuple[bytes, tuple[str, ...]]:
         import capstone
@@ -341,19 +377,21 @@ class Planner:
                 if lo <= target < hi:
                     raise _Refused("the wrapper takes its own address")
                 struct.pack_into("<i", body, off + insn.disp_offset, target - (at + off + insn.size))
-            elif insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL):
-                if insn.imm_size and insn.op_str.startswith("0x"):
-                    target = int(insn.op_str, 16)
-                    if not lo <= target < hi:
-                        if insn.imm_size != 4:
-                            raise _Refused(f"a short branch leaves the wrapper (`{insn.mnemonic} {insn.op_str}`)")
-                        struct.pack_into("<i", body, off + insn.imm_offset, target - (at + off + insn.size))
+            elif (
+                insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL)
+            ) and insn.imm_size and insn.op_str.startswith("0x"):
+                target = int(insn.op_str, 16)
+                if not lo <= target < hi:
+                    if insn.imm_size != 4:
+                        raise _Refused(f"a short branch leaves the wrapper (`{insn.mnemonic} {insn.op_str}`)")
+                    struct.pack_into("<i", body, off + insn.imm_offset, target - (at + off + insn.size))
         t = tag_site.insn.rva + tag_site.imm_offset - lo
         # the function's bounds may include alignment padding after its last instruction: leave it out
         end = 0
         for insn in cs.disasm(bytes(body), wrapper.rva):
-            if insn.mnemonic not in ("nop", "int3") and not (insn.mnemonic == "lea" and insn.op_str in (
-                    "esi, [esi]", "esi, [esi + eiz]", "edi, [edi]")):
+            if insn.mnemonic not in ("nop", "int3") and not (
+                insn.mnemonic == "lea" and insn.op_str in ("esi, [esi]", "esi, [esi + eiz]", "edi, [edi]")
+            ):
                 end = insn.address + insn.size - lo
         if trampolines:
             shift = len(body) - end
@@ -386,21 +424,34 @@ class Planner:
             others = ", ".join(f"{s.rva:#x}" for s in unit[1:])
             out = [
                 self._site_plan(
-                    first, new, model.IMM,
+                    first,
+                    new,
+                    model.IMM,
                     f"one constant feeds {len(unit)} sites ({first.rva:#x}, {others}): they share the new tag; "
                     "--split shared gives each its own through a stub",
-                    (patch,), tuple(s.rva for s in unit[1:]),
+                    (patch,),
+                    tuple(s.rva for s in unit[1:]),
                 )
             ]
             for s in unit[1:]:
-                out.append(self._site_plan(
-                    s, new, model.IMM, f"shares the constant edited for site {first.rva:#x}", (),
-                    tuple(x.rva for x in unit if x.rva != s.rva)))
+                out.append(
+                    self._site_plan(
+                        s,
+                        new,
+                        model.IMM,
+                        f"shares the constant edited for site {first.rva:#x}",
+                        (),
+                        tuple(x.rva for x in unit if x.rva != s.rva),
+                    )
+                )
             return out
         if ts.kind == sm.IMM and ts.imm_offset is not None and not first.shared_with and not ts.other_sources:
             try:
-                return [self._site_plan(first, new, model.IMM, "tag immediate edited in place",
-                                        (self._imm_patch(first, new),))]
+                return [
+                    self._site_plan(
+                        first, new, model.IMM, "tag immediate edited in place", (self._imm_patch(first, new),)
+                    )
+                ]
             except _Refused as e:
                 reason = str(e)
                 try:
@@ -420,9 +471,13 @@ class Planner:
         ts = site.tag_source
         if ts.kind == sm.IMM and ts.imm_offset is not None and not site.shared_with and not ts.other_sources:
             try:
-                return self._site_plan(site, 0, model.FREE_ZERO,
-                                       "frees with tag 0, so no tag check can fail for the retagged blocks",
-                                       (self._imm_patch(site, 0),))
+                return self._site_plan(
+                    site,
+                    0,
+                    model.FREE_ZERO,
+                    "frees with tag 0, so no tag check can fail for the retagged blocks",
+                    (self._imm_patch(site, 0),),
+                )
             except _Refused:
                 pass
         try:
@@ -538,8 +593,15 @@ class Planner:
         replaced = b"".join(i.raw for i in span)
         if self.image.relocated_in(start, len(replaced)):
             raise _Refused("a relocated field lies in the instructions to displace")
-        return _Shape(start, replaced, (), "call", displaced_insns=tuple(displaced), jump_reg=reg,
-                      displaced_text=tuple(f"{i.mnemonic} {i.op_str}".strip() for i in displaced))
+        return _Shape(
+            start,
+            replaced,
+            (),
+            "call",
+            displaced_insns=tuple(displaced),
+            jump_reg=reg,
+            displaced_text=tuple(f"{i.mnemonic} {i.op_str}".strip() for i in displaced),
+        )
 
     def _cs(self) -> object:
         import capstone
@@ -561,13 +623,21 @@ class Planner:
                 at = self.image.relocation_entries[i]
                 entry = self.image.read(at, 2)
                 value = struct.unpack("<H", entry)[0]
-                out.append(Patch(at, entry, struct.pack("<H", value & 0x0FFF), "base relocation disabled", (), FILE_ONLY))
+                out.append(
+                    Patch(at, entry, struct.pack("<H", value & 0x0FFF), "base relocation disabled", (), FILE_ONLY)
+                )
             elif r > rva + size:
                 break
         return out
 
     def _stub_code(
-        self, site: CallSite, api: apis.PoolApi, target_api: apis.PoolApi, new: int, shape: _Shape, cave_rva: int,
+        self,
+        site: CallSite,
+        api: apis.PoolApi,
+        target_api: apis.PoolApi,
+        new: int,
+        shape: _Shape,
+        cave_rva: int,
     ) -> tuple[bytes, tuple[str, ...]]:
         thunk = shape.thunk
         ptr = self.image.ptr_size
@@ -579,8 +649,11 @@ class Planner:
                 moved += _moved(insn, self.arch, cave_rva + len(moved))
             where = target_api.tag_location(self.arch)
             sp_name = "rsp" if self.arch == "x64" else "esp"
-            setter = (f"mov {_REG32[where]}, {new:#x}" if isinstance(where, str)
-                      else f"mov dword ptr [{sp_name} + {(where or 0) + ptr:#x}], {new:#x}")
+            setter = (
+                f"mov {_REG32[where]}, {new:#x}"
+                if isinstance(where, str)
+                else f"mov dword ptr [{sp_name} + {(where or 0) + ptr:#x}], {new:#x}"
+            )
             tail = assemble(f"{setter}; jmp {shape.jump_reg}", self.arch, cave_rva + len(moved))
             shown = disassemble(moved, self.arch, cave_rva)
             return moved + tail, (*shown, setter, f"jmp {shape.jump_reg}")
@@ -624,8 +697,12 @@ class Planner:
             tail_call = b"\xff\x90" + struct.pack("<i", disp)  # call dword ptr [eax + disp]
             ret = b"\xc2" + struct.pack("<H", api.arg_bytes_x86)
             code = head + mid + tail_call + ret
-            lines = [*pre.split("; "), *body, f"call dword ptr [eax + {disp:#x}]    ; [IAT {target_api.name}]",
-                     f"ret {api.arg_bytes_x86:#x}"]
+            lines = [
+                *pre.split("; "),
+                *body,
+                f"call dword ptr [eax + {disp:#x}]    ; [IAT {target_api.name}]",
+                f"ret {api.arg_bytes_x86:#x}",
+            ]
             return code, tuple(lines)
         assert isinstance(where, int)
         lines.append(f"mov dword ptr [esp + {where + ptr:#x}], {new:#x}")
@@ -663,12 +740,12 @@ class Planner:
     def _site_plan(
         self,
         site: CallSite,
-        new: Optional[int],
+        new: int | None,
         strategy: str,
         reason: str,
         patches: tuple[Patch, ...] = (),
         shared_with: tuple[int, ...] = (),
-        stub: Optional[tuple[Cave, bytes, tuple[str, ...]]] = None,
+        stub: tuple[Cave, bytes, tuple[str, ...]] | None = None,
     ) -> SitePlan:
         if new is not None and site.tag_value is not None and site.tag_value & tags.PROTECTED_POOL and new:
             new |= tags.PROTECTED_POOL
@@ -698,18 +775,26 @@ _COPY = "wrapper-copy"
 
 def _call_site(c: WrapperCall, w: Wrapper, call: str, note: str) -> CallSite:
     return CallSite(
-        rva=c.rva, size=c.size, raw=c.raw, api=w.api, role=w.role, call=call, function_rva=c.function_rva,
-        function_name=c.function_name, section=c.section, tag_source=c.tag_source, notes=(note,),
+        rva=c.rva,
+        size=c.size,
+        raw=c.raw,
+        api=w.api,
+        role=w.role,
+        call=call,
+        function_rva=c.function_rva,
+        function_name=c.function_name,
+        section=c.section,
+        tag_source=c.tag_source,
+        notes=(note,),
     )
 
 
-def _unwind_of(image: Image, begin: int) -> Optional[int]:
-    import struct as _struct
+def _unwind_of(image: Image, begin: int) -> int | None:
 
     from ..image import SCN_MEM_EXECUTE  # noqa: F401 - keeps image's layout knowledge in one place
 
     d_rva = None
-    for b, e, u in _pdata_rows(image):
+    for b, _e, u in _pdata_rows(image):
         if b == begin:
             d_rva = u
             break
@@ -726,7 +811,7 @@ def _pdata_rows(image: Image) -> list[tuple[int, int, int]]:
     return []
 
 
-def _plain(v: Optional[int]) -> Optional[int]:
+def _plain(v: int | None) -> int | None:
     return None if v is None else v & ~tags.PROTECTED_POOL
 
 

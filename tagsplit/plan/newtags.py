@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from .. import tags
 from ..errors import InputError, TagError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 # Counters: digits first so the first 99 sites read 'Sm01'..'Sm99', then letters.
 _DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -86,10 +89,8 @@ def _add_text(t: str, avoid: Avoid) -> None:
     if "*" in t or "?" in t:
         avoid.patterns.append(t.ljust(4) if "*" not in t else t)
         return
-    try:
+    with contextlib.suppress(TagError):
         avoid.add(tags.parse(t))
-    except TagError:
-        pass
 
 
 def _debugger_tags(text: str) -> Iterable[int]:
@@ -115,7 +116,7 @@ def _debugger_tags(text: str) -> Iterable[int]:
     return values
 
 
-def prefix_of(old: Optional[int], override: Optional[str]) -> str:
+def prefix_of(old: int | None, override: str | None) -> str:
     """Two display characters the new tags start with."""
     if override is not None:
         if len(override) != 2 or any(not 0x21 <= ord(c) <= 0x7E for c in override):

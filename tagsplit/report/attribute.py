@@ -8,13 +8,15 @@ over the snapshots' times, per minute.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from .. import tags
 from ..apis import FREE
 from ..plan.model import REFUSED, Plan
-from ..snapshots.model import Snapshot
 from ..snapshots.store import parse_time
+
+if TYPE_CHECKING:
+    from ..snapshots.model import Snapshot
 
 SCHEMA = 1
 
@@ -32,12 +34,12 @@ class SiteRow:
     sites: tuple[int, ...]  # RVAs of the call sites that pass this tag
     functions: tuple[str, ...]
     apis: tuple[str, ...]
-    old_tag: Optional[int]
+    old_tag: int | None
     outstanding_bytes: int
     outstanding_allocs: int
-    growth_bytes_per_min: Optional[float]
-    growth_allocs_per_min: Optional[float]
-    r2: Optional[float]  # how well a straight line fits the bytes series
+    growth_bytes_per_min: float | None
+    growth_allocs_per_min: float | None
+    r2: float | None  # how well a straight line fits the bytes series
     series: Series
     rank: int = 0
 
@@ -51,7 +53,7 @@ class Report:
     old_tags: dict[int, tuple[int, int]]  # original tag -> (outstanding bytes, allocs) in the last snapshot
     evidence: tuple[str, ...]
     conclusion: str
-    leaking: Optional[SiteRow]
+    leaking: SiteRow | None
 
 
 def _usage_by_tag(s: Snapshot) -> dict[str, tuple[int, int]]:
@@ -67,7 +69,7 @@ def _usage_by_tag(s: Snapshot) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _fit(xs: tuple[float, ...], ys: tuple[int, ...]) -> tuple[Optional[float], Optional[float]]:
+def _fit(xs: tuple[float, ...], ys: tuple[int, ...]) -> tuple[float | None, float | None]:
     """Least-squares slope and R² (None with fewer than two distinct times)."""
     n = len(xs)
     if n < 2:
@@ -136,7 +138,7 @@ def _describe(r: SiteRow) -> str:
     return f"'{tags.display(r.new_tag)}' (site {sites}, {r.apis[0]})"
 
 
-def _judge(rows: tuple[SiteRow, ...], count: int, span: float) -> tuple[tuple[str, ...], Optional[SiteRow], str]:
+def _judge(rows: tuple[SiteRow, ...], count: int, span: float) -> tuple[tuple[str, ...], SiteRow | None, str]:
     """Plain words on how strong the evidence is, the most likely leaking site, and a one-paragraph conclusion."""
     notes = []
     if count == 0:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import tags
 from ..errors import InputError
 from .attribute import SCHEMA, Report, SiteRow
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _rate(v: float | None) -> str:
@@ -32,8 +34,11 @@ def row_json(r: SiteRow) -> dict[str, Any]:
         "growth_bytes_per_min": None if r.growth_bytes_per_min is None else round(r.growth_bytes_per_min, 3),
         "growth_allocs_per_min": None if r.growth_allocs_per_min is None else round(r.growth_allocs_per_min, 3),
         "r2": None if r.r2 is None else round(r.r2, 4),
-        "series": {"minutes": [round(m, 4) for m in r.series.minutes], "bytes": list(r.series.bytes),
-                   "allocs": list(r.series.allocs)},
+        "series": {
+            "minutes": [round(m, 4) for m in r.series.minutes],
+            "bytes": list(r.series.bytes),
+            "allocs": list(r.series.allocs),
+        },
     }
 
 
@@ -44,8 +49,9 @@ def render_json(report: Report) -> str:
         "snapshots": report.snapshots,
         "span_minutes": round(report.span_minutes, 4),
         "sites": [row_json(r) for r in report.rows],
-        "original_tags": {tags.display(t): {"outstanding_bytes": b, "outstanding_allocs": a}
-                          for t, (b, a) in report.old_tags.items()},
+        "original_tags": {
+            tags.display(t): {"outstanding_bytes": b, "outstanding_allocs": a} for t, (b, a) in report.old_tags.items()
+        },
         "evidence": list(report.evidence),
         "conclusion": report.conclusion,
         "leaking_site": f"{report.leaking.sites[0]:#x}" if report.leaking else None,
@@ -56,22 +62,55 @@ def render_json(report: Report) -> str:
 def render_csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "rva", "function", "api", "new_tag", "old_tag", "outstanding_bytes", "outstanding_allocs",
-                "growth_bytes_per_min", "growth_allocs_per_min", "r2"])
+    w.writerow(
+        [
+            "rank",
+            "rva",
+            "function",
+            "api",
+            "new_tag",
+            "old_tag",
+            "outstanding_bytes",
+            "outstanding_allocs",
+            "growth_bytes_per_min",
+            "growth_allocs_per_min",
+            "r2",
+        ]
+    )
     for r in report.rows:
         j = row_json(r)
-        w.writerow([j["rank"], " ".join(j["sites"]), " ".join(r.functions), j["api"], j["new_tag"], j["old_tag"],
-                    j["outstanding_bytes"], j["outstanding_allocs"], j["growth_bytes_per_min"],
-                    j["growth_allocs_per_min"], j["r2"]])
+        w.writerow(
+            [
+                j["rank"],
+                " ".join(j["sites"]),
+                " ".join(r.functions),
+                j["api"],
+                j["new_tag"],
+                j["old_tag"],
+                j["outstanding_bytes"],
+                j["outstanding_allocs"],
+                j["growth_bytes_per_min"],
+                j["growth_allocs_per_min"],
+                j["r2"],
+            ]
+        )
     return buf.getvalue()
 
 
 def _table(report: Report, md: bool) -> list[str]:
     head = ["rank", "site", "function", "API", "new tag", "outstanding bytes", "allocs", "bytes/min", "allocs/min"]
     rows = [
-        [str(r.rank), ",".join(f"{s:#x}" for s in r.sites), ",".join(r.functions), r.apis[0],
-         tags.display(r.new_tag), str(r.outstanding_bytes), str(r.outstanding_allocs), _rate(r.growth_bytes_per_min),
-         "-" if r.growth_allocs_per_min is None else f"{r.growth_allocs_per_min:+.1f}"]
+        [
+            str(r.rank),
+            ",".join(f"{s:#x}" for s in r.sites),
+            ",".join(r.functions),
+            r.apis[0],
+            tags.display(r.new_tag),
+            str(r.outstanding_bytes),
+            str(r.outstanding_allocs),
+            _rate(r.growth_bytes_per_min),
+            "-" if r.growth_allocs_per_min is None else f"{r.growth_allocs_per_min:+.1f}",
+        ]
         for r in report.rows
     ]
     if md:
@@ -92,8 +131,10 @@ def render_text(report: Report, markdown: bool = False) -> str:
     out += _table(report, markdown)
     out.append("")
     for t, (b, a) in report.old_tags.items():
-        out.append(f"original tag '{tags.display(t)}': {b} bytes in {a} allocations still under it "
-                   "(allocated before the split, or by sites not split)")
+        out.append(
+            f"original tag '{tags.display(t)}': {b} bytes in {a} allocations still under it "
+            "(allocated before the split, or by sites not split)"
+        )
     for note in report.evidence:
         out.append(f"{'- ' if markdown else 'note: '}{note}")
     out.append("")
@@ -124,8 +165,13 @@ def plot(report: Report, path: Path) -> Path:
     ax.set_title(f"{report.driver}: outstanding pool per call site")
     if report.leaking is not None:
         last = report.leaking.series
-        ax.annotate("likely leak", (last.minutes[-1], last.bytes[-1]), textcoords="offset points", xytext=(-60, 10),
-                    arrowprops={"arrowstyle": "->"})
+        ax.annotate(
+            "likely leak",
+            (last.minutes[-1], last.bytes[-1]),
+            textcoords="offset points",
+            xytext=(-60, 10),
+            arrowprops={"arrowstyle": "->"},
+        )
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

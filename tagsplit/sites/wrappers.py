@@ -13,14 +13,16 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
 
-from ..image import Image
 from . import model
 from .flow import FunctionCode
-from .model import CallSite, DriverScan, TagSource
 from .refs import direct_branches_to
 from .semantics import PARAM_REGS_X64, Loc, RegLoc, StackLoc
+
+if TYPE_CHECKING:
+    from ..image import Image
+    from .model import CallSite, DriverScan, TagSource
 
 MAX_DEPTH = 3
 MAX_FIXED_SIZE = 0x100  # a fixed-tag wrapper copied per caller must be small
@@ -34,31 +36,31 @@ class WrapperCall:
     rva: int  # the call (or jmp) instruction in the caller
     size: int
     raw: bytes
-    function_rva: Optional[int]
-    function_name: Optional[str]
+    function_rva: int | None
+    function_name: str | None
     section: str
     tag_source: TagSource  # what the caller passes (param wrappers), or the wrapper's own constant (fixed)
     depth: int  # 1: calls the wrapper holding the pool call; 2: calls a wrapper of that wrapper, ...
-    via: Optional[int] = None  # the wrapper it calls directly, when that is a nested wrapper
+    via: int | None = None  # the wrapper it calls directly, when that is a nested wrapper
 
     @property
-    def tag_value(self) -> Optional[int]:
+    def tag_value(self) -> int | None:
         return self.tag_source.value
 
 
 @dataclass(frozen=True)
 class Wrapper:
     rva: int
-    name: Optional[str]
+    name: str | None
     kind: str  # param | fixed
     site: int  # the pool call site inside the innermost wrapper
     api: str
     role: str
-    param: Optional[int]  # 1-based tag parameter (param wrappers)
+    param: int | None  # 1-based tag parameter (param wrappers)
     size: int  # bytes of the function (its .pdata range or recovered bounds)
     calls: tuple[WrapperCall, ...]
     address_taken: tuple[int, ...]  # RVAs where the wrapper's address is stored or loaded
-    inner: Optional[int] = None  # the wrapper this one passes its tag parameter to (nested)
+    inner: int | None = None  # the wrapper this one passes its tag parameter to (nested)
 
 
 def _tag_location(arch: str, param: int, tail: bool) -> Loc:
@@ -78,7 +80,7 @@ class _Finder:
         self.scanner.stubs = {}
         self.codes: dict[int, FunctionCode] = {}
 
-    def code(self, rva: int) -> Optional[FunctionCode]:
+    def code(self, rva: int) -> FunctionCode | None:
         fn = self.scanner._function(rva)
         if fn is None:
             return None
@@ -94,8 +96,11 @@ class _Finder:
         out = []
         mem = self.image.mem
         # a tail call to a nearby wrapper may be a short `jmp rel8`
-        near = [p for p in range(max(0, target - 130), min(len(mem) - 1, target + 126))
-                if mem[p] == 0xEB and p + 2 + struct.unpack_from("<b", mem, p + 1)[0] == target]
+        near = [
+            p
+            for p in range(max(0, target - 130), min(len(mem) - 1, target + 126))
+            if mem[p] == 0xEB and p + 2 + struct.unpack_from("<b", mem, p + 1)[0] == target
+        ]
         for src in [s for s, _t, _c in direct_branches_to(self.image, {target})] + near:
             code = self.code(src)
             if code is not None and code.at(src) is not None and code.entry != target:
@@ -117,7 +122,7 @@ class _Finder:
                         out.append(p)
         return sorted(out)
 
-    def param_origin(self, site: CallSite) -> Optional[int]:
+    def param_origin(self, site: CallSite) -> int | None:
         """The one parameter among the origins of a site's tag, if there is exactly one."""
         from .. import apis
         from .scan import _X64_REG_OF
@@ -129,8 +134,11 @@ class _Finder:
         if code is None or k is None or where is None:
             return None
         tail = code.insns[k].mnemonic == "jmp"
-        loc: Loc = RegLoc(_X64_REG_OF[where]) if isinstance(where, str) else StackLoc(
-            where + (self.image.ptr_size if tail else 0))
+        loc: Loc = (
+            RegLoc(_X64_REG_OF[where])
+            if isinstance(where, str)
+            else StackLoc(where + (self.image.ptr_size if tail else 0))
+        )
         params = {o.param for o in code.origins(k, loc, self.scanner.ctx) if o.kind == "param"}
         return params.pop() if len(params) == 1 else None
 
@@ -143,7 +151,7 @@ class _Finder:
         loc = _tag_location(self.image.arch, param, insn.mnemonic == "jmp")
         return _classify(code.origins(k, loc, self.scanner.ctx), code, self.image)
 
-    def call(self, src: int, code: FunctionCode, source: TagSource, depth: int, via: Optional[int]) -> WrapperCall:
+    def call(self, src: int, code: FunctionCode, source: TagSource, depth: int, via: int | None) -> WrapperCall:
         k = code.at(src)
         assert k is not None
         insn = code.insns[k]
@@ -205,17 +213,27 @@ def _param_wrappers(finder: _Finder, fn: int, site: CallSite, param: int) -> lis
                 if source.kind == model.PARAM and source.param_index and code.entry not in seen:
                     seen.add(code.entry)
                     nxt.append((code.entry, source.param_index, rva))
-            out.append(Wrapper(
-                rva=rva, name=finder.image.exports.get(rva), kind=PARAM, site=site.rva, api=site.api,
-                role=site.role, param=p, size=finder.size_of(rva), calls=tuple(calls),
-                address_taken=tuple(finder.address_taken(rva)), inner=inner,
-            ))
+            out.append(
+                Wrapper(
+                    rva=rva,
+                    name=finder.image.exports.get(rva),
+                    kind=PARAM,
+                    site=site.rva,
+                    api=site.api,
+                    role=site.role,
+                    param=p,
+                    size=finder.size_of(rva),
+                    calls=tuple(calls),
+                    address_taken=tuple(finder.address_taken(rva)),
+                    inner=inner,
+                )
+            )
         level = nxt
         depth += 1
     return out
 
 
-def _fixed_wrapper(finder: _Finder, fn: int, site: CallSite) -> Optional[Wrapper]:
+def _fixed_wrapper(finder: _Finder, fn: int, site: CallSite) -> Wrapper | None:
     size = finder.size_of(fn)
     if size > MAX_FIXED_SIZE:
         return None
@@ -223,8 +241,14 @@ def _fixed_wrapper(finder: _Finder, fn: int, site: CallSite) -> Optional[Wrapper
     if len(calls) < 2:
         return None
     return Wrapper(
-        rva=fn, name=finder.image.exports.get(fn), kind=FIXED, site=site.rva, api=site.api, role=site.role,
-        param=None, size=size,
+        rva=fn,
+        name=finder.image.exports.get(fn),
+        kind=FIXED,
+        site=site.rva,
+        api=site.api,
+        role=site.role,
+        param=None,
+        size=size,
         calls=tuple(finder.call(src, code, site.tag_source, 1, None) for src, code in calls),
         address_taken=tuple(finder.address_taken(fn)),
     )

@@ -7,7 +7,7 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import DebuggerOutputError, InputError
 from .model import PoolBlock, Snapshot, TagUsage
@@ -35,8 +35,14 @@ def to_json(s: Snapshot, label: str = "") -> dict[str, Any]:
     ]
     if s.blocks:
         doc["blocks"] = [
-            {"address": f"{b.address:#x}", "size": b.size, "tag": b.tag, "pool": b.pool, "allocated": b.allocated,
-             "protected": b.protected}
+            {
+                "address": f"{b.address:#x}",
+                "size": b.size,
+                "tag": b.tag,
+                "pool": b.pool,
+                "allocated": b.allocated,
+                "protected": b.protected,
+            }
             for b in s.blocks
         ]
     return doc
@@ -122,7 +128,7 @@ def now() -> str:
 _SESSION_TIME = re.compile(r"Debug session time:\s+\w{3} (\w{3}\s+\d+ \d+:\d+:\d+(?:\.\d+)? \d{4})")
 
 
-def time_of_log(text: str, path: Path, at: Optional[str]) -> str:
+def time_of_log(text: str, path: Path, at: str | None) -> str:
     """The snapshot's time: `--at`, else the last `Debug session time:` line (`.time`), else the file's mtime."""
     if at:
         parse_time(at)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import tags
 from ..errors import InputError
-from ..plan.model import Plan
 from . import store
 from .model import Snapshot
 from .parse import parse_snapshot
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..plan.model import Plan
 
 
 def _plan_tags(plan: Plan) -> list[str]:
@@ -58,7 +61,7 @@ def take_live(
     poolfind: bool = False,
     every: float = 0.0,
     count: int = 1,
-    resume: Optional[Callable[[float], None]] = None,
+    resume: Callable[[float], None] | None = None,
     clock: Callable[[], str] = store.now,
     progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> list[Snapshot]:
@@ -105,7 +108,7 @@ def command_output(text: str) -> str:
     return text
 
 
-def take_from_file(path: Path, out: Path, at: Optional[str] = None) -> Snapshot:
+def take_from_file(path: Path, out: Path, at: str | None = None) -> Snapshot:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
