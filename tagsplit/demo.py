@@ -99,7 +99,7 @@ def run_demo(
         snaps,
         count=minutes + 1,
         every=60.0,
-        resume=lambda _s: kernel.call(workload, per_minute),
+        resume=lambda _s: _run_minute(kernel, workload, per_minute),
         clock=now,
         progress=lambda s: print(f"  {s}"),
     )
@@ -130,6 +130,10 @@ def run_demo(
     print()
     print(report.conclusion)
     return 0
+
+
+def _run_minute(kernel: EmulatedKernel, workload: str, iterations: int) -> None:
+    kernel.call(workload, iterations)
 
 
 def main() -> int:  # pragma: no cover - convenience

@@ -14,10 +14,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .. import apis, tags
 from ..errors import TagsplitError
 from ..image import Image, load
+from ..snapshots.model import TagUsage
 from .machine import STACK, STACK_SIZE, Call, Machine
 from .pykd_standin import PykdStandIn
 
@@ -193,14 +195,14 @@ class EmulatedKernel:
         machine.stop()
         return self._result
 
-    def _missing(self, name: str) -> object:
+    def _missing(self, name: str) -> Callable[[Machine, Call], int]:
         def handler(machine: Machine, call: Call) -> int:
             machine.stop()
             raise EmulationError(f"the driver called {name}, which the emulated kernel does not provide")
 
         return handler
 
-    def _pool_handler(self, api: apis.PoolApi) -> object:
+    def _pool_handler(self, api: apis.PoolApi) -> Callable[[Machine, Call], int]:
         def handler(machine: Machine, call: Call) -> int:
             args = call.regs if machine.arch == "x64" else call.stack[:4]
             caller = call.ret - machine.base if machine.base <= call.ret < machine.base + len(machine.initial) else -1
@@ -232,9 +234,7 @@ class EmulatedKernel:
 
     # --- what the debugger prints ------------------------------------------------------------------------------
 
-    def usages(self) -> list[object]:
-        from ..snapshots.model import TagUsage
-
+    def usages(self) -> list[TagUsage]:
         out = []
         for tag, b in sorted(self.pool.books.items()):
             out.append(

@@ -24,7 +24,7 @@ from ..sites import model as sm
 from ..sites.flow import FunctionCode
 from ..sites.model import CallSite
 from ..sites.scan import scan_image
-from .machine import BASE, Machine, Stop
+from .machine import BASE, Call, Machine, Stop
 from .mapping import map_image
 
 MAX_STEPS = 5000
@@ -107,7 +107,7 @@ def _observe(
     def on_site(uc: object, address: int, size: int, data: object) -> None:
         state["at_site"] = 1
 
-    def pool_handler(m: Machine, call: object) -> int:
+    def pool_handler(m: Machine, call: Call) -> int:
         if state["at_site"]:
             state["hit"] = len(m.calls)
             m.stop()
@@ -116,7 +116,7 @@ def _observe(
     hook = machine.uc.hook_add(unicorn.UC_HOOK_CODE, on_site, begin=site_va, end=site_va)
     for name in machine.address_of:
         if apis.lookup(name[1]) is not None:
-            machine.handlers[name[1]] = pool_handler  # type: ignore[assignment]
+            machine.handlers[name[1]] = pool_handler
     try:
         machine.run(machine.base + start, count=MAX_STEPS)
     except (RuntimeError, Stop):
@@ -320,9 +320,9 @@ def verify(plan: Plan, image: Image, data: bytes) -> list[Check]:
         if pseudo is None or (fn is None and pseudo.function_rva is None):
             checks.append(Check(rva, False, "planned site is not a call in the driver"))
             continue
-        entry = fn.rva if fn is not None else pseudo.function_rva
-        ranges = fn.ranges if fn is not None else ((entry, rva + pseudo.size),)
-        code = FunctionCode(image.mem, entry, ranges, cs)
+        entry = fn.rva if fn is not None else (pseudo.function_rva or rva)
+        span: tuple[tuple[int, int], ...] = fn.ranges if fn is not None else ((entry, rva + pseudo.size),)
+        code = FunctionCode(image.mem, entry, span, cs)
         checks.append(_check_site(orig_machine, patched_machine, code, pseudo, sp, apis.BY_NAME[sp.api], image.arch))
     return checks
 

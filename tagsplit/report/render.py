@@ -158,8 +158,8 @@ def plot(report: Report, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in report.rows:
         label = f"{tags.display(r.new_tag)}  {r.functions[0]} @{r.sites[0]:#x}"
-        style = {"linewidth": 3.0} if report.leaking is not None and r is report.leaking else {"linewidth": 1.2}
-        ax.plot(r.series.minutes, r.series.bytes, marker="o", markersize=3, label=label, **style)
+        width = 3.0 if report.leaking is not None and r is report.leaking else 1.2
+        ax.plot(r.series.minutes, r.series.bytes, marker="o", markersize=3, label=label, linewidth=width)
     ax.set_xlabel("minutes since the first snapshot")
     ax.set_ylabel("outstanding bytes")
     ax.set_title(f"{report.driver}: outstanding pool per call site")

@@ -200,11 +200,11 @@ def find_wrappers(image: Image, scan: DriverScan) -> tuple[Wrapper, ...]:
 def _param_wrappers(finder: _Finder, fn: int, site: CallSite, param: int) -> list[Wrapper]:
     """The wrapper `fn` and, for callers that pass their own parameter on, those callers as nested wrappers."""
     out: list[Wrapper] = []
-    level = [(fn, param, None)]
+    level: list[tuple[int, int, int | None]] = [(fn, param, None)]
     seen = {fn}
     depth = 1
     while level and depth <= MAX_DEPTH:
-        nxt = []
+        nxt: list[tuple[int, int, int | None]] = []
         for rva, p, inner in level:
             calls = []
             for src, code in finder.calls_to(rva):
