@@ -21,6 +21,7 @@ from tagsplit import live
 from tagsplit.emu.pykd_standin import PykdStandIn, SimulatedCrash
 from tagsplit.errors import PatchConflictError, PlanError, TargetError, TargetReadError, TargetWriteError
 from tagsplit.image import Image, load
+from tagsplit.plan.make import driver_identity
 from tagsplit.plan.model import Driver, Patch, Plan, SitePlan, dumps, from_json
 from tagsplit.sites import scan_image
 from tagsplit.targets.pykd import UNAVAILABLE, PykdTarget, TargetUnavailableError
@@ -40,16 +41,7 @@ def new_tag(i: int) -> int:
 
 
 def driver_of(image: Image) -> Driver:
-    return Driver(
-        path=image.path,
-        name=image.name,
-        sha256=image.sha256,
-        arch=image.arch,
-        timestamp=image.timestamp,
-        size_of_image=image.size_of_image,
-        checksum=image.checksum,
-        image_base=image.preferred_base,
-    )
+    return driver_identity(image)
 
 
 def roundtrip(plan: Plan) -> Plan:

@@ -259,7 +259,7 @@ class Planner:
         self._widen_slack(plans)
         plans.sort(key=lambda p: p.rva)
         plan = Plan(
-            driver=_driver(self.image),
+            driver=driver_identity(self.image),
             tags=tuple(sorted(self.options.tags)),
             sites=tuple(plans),
             free_sites=tuple(free_plans),
@@ -790,25 +790,12 @@ def _call_site(c: WrapperCall, w: Wrapper, call: str, note: str) -> CallSite:
 
 
 def _unwind_of(image: Image, begin: int) -> int | None:
-
-    from ..image import SCN_MEM_EXECUTE  # noqa: F401 - keeps image's layout knowledge in one place
-
-    d_rva = None
-    for b, _e, u in _pdata_rows(image):
-        if b == begin:
-            d_rva = u
-            break
-    return d_rva
-
-
-def _pdata_rows(image: Image) -> list[tuple[int, int, int]]:
-    import struct as _struct
-
+    """The UNWIND_INFO RVA of the .pdata entry that starts at `begin`."""
     for sec in image.sections:
         if sec.name == ".pdata":
             data = image.read(sec.rva, sec.size - sec.size % 12)
-            return [r for r in _struct.iter_unpack("<III", data) if r[0]]
-    return []
+            return next((u for b, _e, u in struct.iter_unpack("<III", data) if b == begin), None)
+    return None
 
 
 def _plain(v: int | None) -> int | None:
@@ -819,7 +806,8 @@ def _untagged(site: CallSite) -> bool:
     return site.tag_source.kind == sm.NONE and site.role == apis.ALLOC
 
 
-def _driver(image: Image) -> Driver:
+def driver_identity(image: Image) -> Driver:
+    """What a plan records to recognise the driver it was made for."""
     return Driver(
         path=str(Path(image.path)),
         name=Path(image.path).name,
