@@ -7,7 +7,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import __version__, tags
 from .errors import InputError, TagsplitError, UsageError
@@ -33,12 +33,28 @@ def _tag(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _driver_files(path: Path) -> list[Path]:
+def _driver_files(path: Path, walk_errors: list[str] | None = None) -> list[Path]:
+    """The PE files of a folder (recursively, sorted; symlinked folders are not followed), or the file itself.
+
+    Folders that cannot be listed are reported in `walk_errors` (one line each) and skipped.
+    """
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _looks_like_pe(p))
-        if not files:
+        import os
+
+        found: list[Path] = []
+
+        def unlistable(e: OSError) -> None:
+            if walk_errors is not None:
+                walk_errors.append(f"{e.filename}: cannot list: {e.strerror or e}")
+
+        for folder, _dirs, names in os.walk(path, onerror=unlistable):
+            for name in names:
+                p = Path(folder) / name
+                if p.is_file() and _looks_like_pe(p):
+                    found.append(p)
+        if not found:
             raise InputError(f"{path}: no PE files (.sys, .dll, .exe) in this folder")
-        return files
+        return sorted(found)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     return [path]
@@ -52,6 +68,202 @@ def _looks_like_pe(p: Path) -> bool:
             return f.read(2) == b"MZ"
     except OSError:
         return True  # let the scan report why it cannot be read
+
+
+# --- folder scans: one worker process per core -----------------------------------------------------------------
+# Each file is read, checked and scanned in a worker; results come back in file order, so the output does not
+# depend on timing. With --tag, a file whose bytes hold the tag (or its protected form) nowhere in its code
+# sections cannot have a site passing it, nor an unexplained occurrence: it is only checked for sane PE headers
+# (a corrupt one is still reported) and never disassembled. One file's failure, even a worker process dying, is
+# reported on its own line and the scan goes on.
+
+_Job = tuple[str, Optional[tuple[int, ...]], bool]  # path, wanted tags, whether the byte prefilter applies
+_Result = tuple[str, object]  # ("scan", DriverScan) | ("skip", None) | ("error", message)
+
+
+def _holds_tag_in(buf: Any, ranges: list[tuple[int, int]], wanted: tuple[int, ...]) -> bool:
+    """Whether any wanted tag's 4 bytes, plain or with PROTECTED_POOL (which changes only the last byte), occur in
+    `buf` (bytes or an mmap) within one of `ranges`: one pass per tag, searching for the 3 bytes both share."""
+    import struct
+
+    size = len(buf)
+    for tag in wanted:
+        plain = struct.pack("<I", tag & ~tags.PROTECTED_POOL & 0xFFFFFFFF)
+        prefix, last = plain[:3], (plain[3], plain[3] | 0x80)
+        for start, end in ranges:
+            lo, hi = max(0, start - 3), min(size, end + 3)
+            i = buf.find(prefix, lo, hi)
+            while i >= 0:
+                if i + 3 < hi and buf[i + 3] in last:
+                    return True
+                i = buf.find(prefix, i + 1, hi)
+    return False
+
+
+def _tag_bytes_in_code(data: bytes, wanted: tuple[int, ...]) -> bool:
+    """Whether the file may hold a wanted tag's bytes inside an executable section (conservatively True)."""
+    from .image import code_file_ranges
+
+    ranges = code_file_ranges(data)
+    return True if ranges is None else _holds_tag_in(data, ranges, wanted)
+
+
+def _scan_job(job: _Job) -> _Result:
+    """Read, check and scan one file; never raises (a worker must not take the folder scan down)."""
+    from .image import code_file_ranges, parse, read_file
+
+    path, wanted, prefilter = job
+    try:
+        data = read_file(Path(path))
+        if prefilter and wanted is not None:
+            ranges = code_file_ranges(data)
+            if ranges is not None and not _holds_tag_in(data, ranges, wanted):
+                return ("skip", None)  # cannot pass the tag, and its headers are sane (else parse says what is wrong)
+        return ("scan", scan_image(parse(data, path), set(wanted) if wanted is not None else None))
+    except TagsplitError as e:
+        return ("error", str(e))
+    except MemoryError:
+        return ("error", f"{path}: out of memory while scanning; skipped")
+    except Exception as e:  # a bug: report it for this file and go on with the others
+        return ("error", f"{path}: internal error ({type(e).__name__}: {e}); skipped, please report this file")
+
+
+def _jobs() -> int:
+    import os
+
+    env = os.environ.get("TAGSPLIT_JOBS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))  # type: ignore[attr-defined,unused-ignore]
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(workers: int) -> Any:
+    import concurrent.futures
+    import multiprocessing
+
+    # fork: the workers start with tagsplit already imported (milliseconds instead of a fresh interpreter each)
+    ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else multiprocessing.get_context()
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _alone(job: _Job) -> _Result:
+    """Run one job in a process of its own, to tell which file killed a worker."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = _pool(1)
+    try:
+        result: _Result = pool.submit(_scan_job, job).result()
+        return result
+    except BrokenProcessPool:
+        return ("error", f"{job[0]}: the scanning process died on this file (a crash in a native library, or out "
+                         "of memory); skipped, please report this file")
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _run_jobs(jobs: list[_Job], workers: int, on_result: Callable[[int, _Result], None]) -> None:
+    """Run every job in `workers` processes (in this one if workers == 1); `on_result` gets each result in job
+    order."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            on_result(i, _scan_job(job))
+        return
+    pool = _pool(workers)
+    futures: dict[int, Any] = {}
+    ready: dict[int, _Result] = {}
+    submitted = done = 0
+    try:
+        while done < len(jobs):
+            while submitted < len(jobs) and len(futures) < 4 * workers:
+                futures[submitted] = pool.submit(_scan_job, jobs[submitted])
+                submitted += 1
+            if done in ready:
+                on_result(done, ready.pop(done))
+                done += 1
+                continue
+            try:
+                result: _Result = futures[done].result()
+            except BrokenProcessPool:
+                # A worker died (segfault, OOM kill). Every unfinished job is re-run alone, which pins the file.
+                pool.shutdown(wait=False, cancel_futures=True)
+                for i, f in sorted(futures.items()):
+                    ok = f.done() and not f.cancelled() and f.exception() is None
+                    ready[i] = f.result() if ok else _alone(jobs[i])
+                futures.clear()
+                pool = _pool(workers)
+                continue
+            del futures[done]
+            on_result(done, result)
+            done += 1
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Progress:
+    """`scanned 12/345 files` on stderr, redrawn at most 10 times a second; only when stderr is a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.on = total > 1 and sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, done: int, current: str) -> None:
+        import shutil
+        import time
+
+        if not self.on:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < self.total:
+            return
+        self.last = now
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        text = f"scanned {done}/{self.total} files  {current}"
+        sys.stderr.write("\r" + text[:width].ljust(min(width, len(text) + 1)) + "\r")
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+    def message(self, text: str) -> None:
+        self.clear()
+        print(text, file=sys.stderr)
+
+
+def _scan_folder(files: list[Path], wanted: set[int] | None) -> tuple[list[DriverScan], list[dict[str, str]]]:
+    """Scan many files on every core; per-file errors are printed (in file order) and returned, never raised."""
+    frozen = tuple(sorted(wanted)) if wanted is not None else None
+    # The byte prefilter is exact for printable tags: their bytes cannot come from a sign-extended imm8.
+    prefilter = frozen is not None and all(tags.printable(v) for v in frozen)
+    jobs: list[_Job] = [(str(f), frozen, prefilter) for f in files]
+    scans: list[DriverScan] = []
+    errors: list[dict[str, str]] = []
+    progress = _Progress(len(jobs))
+
+    def on_result(i: int, result: _Result) -> None:
+        kind, payload = result
+        if kind == "scan" and isinstance(payload, DriverScan):
+            scans.append(payload)
+        elif kind == "error":
+            errors.append({"path": str(files[i]), "error": str(payload)})
+            progress.message(f"tagsplit: {payload}")
+        progress.update(i + 1, files[i].name)
+
+    try:
+        _run_jobs(jobs, min(_jobs(), len(jobs)), on_result)
+    finally:
+        progress.clear()
+    return scans, errors
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -69,16 +281,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if args.base is not None or args.imports_from:
             raise UsageError("--base and --imports-from go with --mapped")
         inputs = args.driver or [str(SAMPLE)]
-        files = [f for p in inputs for f in _driver_files(Path(p))]
+        walk_errors: list[str] = []
+        files = [f for p in inputs for f in _driver_files(Path(p), walk_errors)]
+        for line in walk_errors:
+            print(f"tagsplit: {line}", file=sys.stderr)
+            errors.append({"path": line.split(": cannot list:")[0], "error": line})
         many = len(files) > 1
-        for f in files:
-            try:
-                scans.append(scan_image(load(f), wanted))
-            except TagsplitError as e:
-                if not many:
-                    raise
-                errors.append({"path": str(f), "error": str(e)})
-                print(f"tagsplit: {e}", file=sys.stderr)
+        if not many:
+            scans.append(scan_image(load(files[0]), wanted))
+        else:
+            scans, file_errors = _scan_folder(files, wanted)
+            errors += file_errors
     if wanted is not None and many:
         # A folder scan answers "which drivers use this tag": leave out the ones that do not.
         scans = [s for s in scans if any(_uses(site.tag_value, wanted) for site in s.sites)
@@ -97,7 +310,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return status
 
 
-def _uses(value: Optional[int], wanted: set[int]) -> bool:
+def _uses(value: int | None, wanted: set[int]) -> bool:
     return value is not None and (value & ~tags.PROTECTED_POOL) in wanted
 
 

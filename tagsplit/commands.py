@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from . import tags
 from .errors import InputError, PlanError, TagsplitError, UsageError
-from .image import Image, load
+from .image import Image, load, parse, read_file
 from .plan import model as pm
 from .plan.model import CODE, FILE_ONLY, Patch, Plan
 
+if TYPE_CHECKING:
+    import argparse
 
-def _driver_for(plan: Plan, plan_path: Path, override: Optional[str]) -> tuple[Image, bytes]:
+
+def _driver_for(plan: Plan, plan_path: Path, override: str | None) -> tuple[Image, bytes]:
     """The driver file the plan was made from, found and checked by its sha256."""
     candidates = [Path(override)] if override else [Path(plan.driver.path), plan_path.parent / plan.driver.name,
                                                      plan_path.parent / Path(plan.driver.path).name]
     for c in candidates:
         if c.is_file():
-            data = c.read_bytes()
-            image = load(c)
+            # Read once: the image and the bytes a patched copy is made from must be the same, even if the file
+            # changes while we read it.
+            data = read_file(c)
+            image = parse(data, str(c))
             if image.sha256 != plan.driver.sha256:
                 raise PlanError(
                     f"{c} is not the build the plan was made for (sha256 {image.sha256[:12]}…, plan "
@@ -87,10 +91,10 @@ def render_plan(plan: Plan) -> str:
 
 
 def _check_writable(out: Path) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent if str(out.parent) else Path()
     if parent.exists() and not parent.is_dir():
         raise InputError(f"{parent}: not a folder")
-    probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path("."))
+    probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path())
     if not os.access(probe, os.W_OK):
         raise InputError(f"{out}: cannot write there (permission denied)")
     if out.exists() and (out.is_dir() or not os.access(out, os.W_OK)):
@@ -98,12 +102,10 @@ def _check_writable(out: Path) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise InputError(f"{path}: cannot write: {e.strerror or e}") from e
+    """Replace `path` with `text`, never leaving it half-written (temporary file, fsync, rename)."""
+    from .targets.file import atomic_write
+
+    atomic_write(path, text.encode("utf-8"))
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -127,8 +129,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         out = Path(args.windbg_script)
         _check_writable(out)
         revert = out.with_name(out.stem + ".revert" + (out.suffix or ".txt"))
-        _atomic_write(out, render_apply(plan))
-        _atomic_write(revert, render_revert(plan))
+        apply_text, revert_text = render_apply(plan), render_revert(plan)
+        # The way back first: a crash between the two writes must never leave an apply script without its revert.
+        _atomic_write(revert, revert_text)
+        _atomic_write(out, apply_text)
         print(f"WinDbg script written to {out} (run it with `$$><{out}` while broken in); revert with {revert}")
         return 0
     from .targets.apply import apply
@@ -141,9 +145,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     target = PatchedFile(image, data)
     checksum = _checksum_patch(plan, image, data)
     journal = Path(args.journal) if args.journal else out.with_name(out.name + ".journal.json")
-    outcome = apply(plan, target, journal, scopes=(CODE, FILE_ONLY), extra=[checksum])
-    _annotate_journal(journal, out, image)
-    target.commit(out)
+    # The journal names the output from its first version on, and says `applied` only once the output file has been
+    # renamed into place: a crash anywhere leaves the old output (or none) and a journal `revert` can use.
+    outcome = apply(
+        plan,
+        target,
+        journal,
+        scopes=(CODE, FILE_ONLY),
+        extra=[checksum],
+        commit=lambda: target.commit(out),
+        journal_fields={"output": str(out.resolve()), "input": str(Path(image.path).resolve())},
+    )
     print(f"{out}: {outcome.written} patches written ({outcome.already} already in place), checksum "
           f"{int.from_bytes(checksum.replacement, 'little'):#x}; journal {journal}")
     print("to load it: test-sign it (see README, 'Loading a patched driver')")
@@ -159,15 +171,6 @@ def _checksum_patch(plan: Plan, image: Image, data: bytes) -> Patch:
     return Patch(at, data[at : at + 4], new, "PE checksum recomputed", (), FILE_ONLY)
 
 
-def _annotate_journal(journal: Path, out: Path, image: Image) -> None:
-    from .targets.apply import read_journal, write_journal
-
-    doc = read_journal(journal)
-    doc["output"] = str(out.resolve())
-    doc["input"] = str(Path(image.path).resolve())
-    write_journal(journal, doc)
-
-
 def cmd_revert(args: argparse.Namespace) -> int:
     from .targets.apply import read_journal, revert
 
@@ -177,14 +180,18 @@ def cmd_revert(args: argparse.Namespace) -> int:
     if kind == "file":
         from .targets.file import PatchedFile
 
-        out = Path(args.file or doc.get("output", ""))
+        recorded = doc.get("output")
+        out = Path(args.file or (recorded if isinstance(recorded, str) else ""))
         if not out.is_file():
-            raise InputError(f"{out}: the patched file is not there; nothing to revert")
-        image = load(out)
-        target = PatchedFile(image, out.read_bytes())
-        target.image = image
-        outcome = revert(journal, target)
-        _commit_in_place(target, out)
+            state = doc.get("state")
+            if not args.file and recorded and state in ("started", "rolled-back"):
+                # apply stopped before the output was renamed into place: no patched file was ever written
+                print(f"{out}: nothing to revert: the patched file was never written (journal state {state})")
+                return 0
+            raise InputError(f"{out}: the patched file is not there; nothing to revert (give it with --file)")
+        data = read_file(out)  # read once: the buffer restored is the one that was checked
+        target = PatchedFile(parse(data, str(out)), data)
+        outcome = revert(journal, target, commit=lambda: target.commit(out, in_place=True))
         print(f"{out}: {outcome.written} ranges restored ({outcome.already} were already original)")
         return 0
     if kind in ("pykd", "emu"):
@@ -194,22 +201,6 @@ def cmd_revert(args: argparse.Namespace) -> int:
         print(f"{outcome.written} ranges restored ({outcome.already} were already original)")
         return 0
     raise PlanError(f"{journal}: journal of target {kind!r}; a WinDbg script is reverted with its .revert script")
-
-
-def _commit_in_place(target: object, out: Path) -> None:
-    import tempfile
-
-    buf = getattr(target, "buf")  # noqa: B009 - PatchedFile's buffer
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(f"{out}: cannot write: {e.strerror or e}") from e
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import pefile
 
 from .errors import ImageError, InputError, UnsupportedImageError
+
+if TYPE_CHECKING:
+    import mmap
 
 MACHINES = {0x8664: "x64", 0x14C: "x86"}
 _OTHER_MACHINES = {0xAA64: "ARM64", 0x1C4: "ARM (Thumb-2)", 0x1C0: "ARM", 0x200: "IA-64", 0xA641: "ARM64EC"}
@@ -28,6 +33,13 @@ SCN_MEM_NOT_PAGED = 0x08000000
 SUBSYSTEM_NATIVE = 1
 KERNEL_DLLS = frozenset({"ntoskrnl.exe", "hal.dll", "ndis.sys", "fltmgr.sys", "wdfldr.sys", "ksecdd.sys", "cng.sys"})
 MAX_IMAGE_SIZE = 1 << 30  # a driver larger than 1 GiB in memory is a corrupt header, not a driver
+# Bounds that keep a hostile file from costing more than a few times its own size in memory and time:
+MAX_FILE_SIZE = 512 << 20  # the largest shipped drivers are ~100 MiB; anything above 512 MiB is refused unread
+# SizeOfImage may exceed the file by this much (uninitialised data, section alignment). The image is materialised
+# in memory, so a 7 KiB file claiming SizeOfImage 0x36000000 must not allocate and copy 864 MiB.
+MAX_VIRTUAL_EXCESS = 64 << 20
+MAX_PDATA_ENTRIES = 1 << 20  # the largest drivers have ~200,000 functions
+MAX_RELOCATIONS = 1 << 22
 UNW_FLAG_CHAININFO = 0x4
 
 
@@ -114,7 +126,7 @@ class Image:
             return True
         return any(imp.dll.lower() in KERNEL_DLLS for imp in self.imports.values())
 
-    def section_at(self, rva: int) -> Optional[Section]:
+    def section_at(self, rva: int) -> Section | None:
         for s in self.sections:
             if s.rva <= rva < s.end:
                 return s
@@ -128,7 +140,7 @@ class Image:
             raise ImageError(f"read of {size} bytes at RVA {rva:#x} is outside the image")
         return self.mem[rva : rva + size]
 
-    def rva_to_offset(self, rva: int) -> Optional[int]:
+    def rva_to_offset(self, rva: int) -> int | None:
         """File offset of an RVA, or None where the byte has no file backing (or the image is a memory dump)."""
         if self.mapped:
             return None
@@ -148,7 +160,7 @@ class Image:
             i += 1
         return out
 
-    def function_at(self, rva: int) -> Optional[Function]:
+    def function_at(self, rva: int) -> Function | None:
         """The .pdata function containing rva (x64 only)."""
         i = bisect.bisect_right(self._range_starts, rva) - 1
         if i >= 0 and rva < self._range_ends[i]:
@@ -171,51 +183,93 @@ class Image:
 def load(
     path: str | Path,
     *,
-    mapped_base: Optional[int] = None,
-    imports_from: Optional[Image] = None,
+    mapped_base: int | None = None,
+    imports_from: Image | None = None,
 ) -> Image:
     """Read a driver file, or a memory image (`.writemem`) of a driver loaded at `mapped_base`.
 
+    Only regular files are read (never a FIFO or a device), and at most MAX_FILE_SIZE bytes of them.
+
     Raises:
-        InputError: the file cannot be read.
-        ImageError: not a PE, or a PE whose headers are corrupt.
+        InputError: the file cannot be read, or is not a regular file.
+        ImageError: not a PE, or a PE whose headers are corrupt, or too large.
         UnsupportedImageError: a PE for another architecture, or a .NET image.
     """
     p = Path(path)
+    data = read_file(p)
+    return parse(data, str(p), mapped_base=mapped_base, imports_from=imports_from)
+
+
+def read_file(p: Path, limit: int | None = None) -> bytes:
+    """The bytes of regular file `p`, refusing directories, devices, FIFOs and files above `limit` unread.
+
+    Raises:
+        InputError: cannot be opened or read, or not a regular file.
+        ImageError: larger than `limit`.
+    """
+    limit = MAX_FILE_SIZE if limit is None else limit
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block open()
     try:
-        data = p.read_bytes()
+        fd = os.open(p, flags)
     except IsADirectoryError as e:
         raise InputError(f"{p}: is a directory") from e
     except OSError as e:
         raise InputError(f"{p}: cannot read: {e.strerror or e}") from e
-    return parse(data, str(p), mapped_base=mapped_base, imports_from=imports_from)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"{p}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{p}: not a regular file (a device, FIFO or socket)")
+        if st.st_size > limit:
+            raise ImageError(f"{p}: {st.st_size:,} bytes is too large for a driver (limit {limit >> 20} MiB)")
+        chunks = []
+        left = limit + 1  # the file may grow after fstat: never read more than the limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise InputError(f"{p}: cannot read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise ImageError(f"{p}: more than {limit >> 20} MiB is too large for a driver")
+    return data
 
 
 def parse(
     data: bytes,
     path: str = "<memory>",
     *,
-    mapped_base: Optional[int] = None,
-    imports_from: Optional[Image] = None,
+    mapped_base: int | None = None,
+    imports_from: Image | None = None,
 ) -> Image:
     """Parse an image held in memory; see `load`."""
     if not data:
         raise ImageError(f"{path}: empty file")
+    if len(data) > MAX_FILE_SIZE:
+        raise ImageError(f"{path}: {len(data):,} bytes is too large for a driver (limit {MAX_FILE_SIZE >> 20} MiB)")
     if data[:2] != b"MZ":
         raise ImageError(f"{path}: not a PE file (no MZ header)")
     sha256 = hashlib.sha256(data).hexdigest()
     if mapped_base is not None:
-        data = _as_file_layout(data)
+        try:
+            data = _as_file_layout(data)
+        except ImageError as e:
+            raise ImageError(f"{path}: {e}") from e
     try:
         pe = pefile.PE(data=data, fast_load=True)
     except pefile.PEFormatError as e:
         raise ImageError(f"{path}: not a valid PE file: {e.value if hasattr(e, 'value') else e}") from e
     except Exception as e:  # pefile raises assorted builtins on hostile headers
         raise ImageError(f"{path}: corrupt PE headers ({type(e).__name__}: {e})") from e
-    try:
-        return _build(pe, data, path, sha256, mapped_base, imports_from)
-    finally:
-        pe.close()
+    # No pe.close(): for a PE made from bytes it only runs gc.collect(), a full collection that costs 10-100 ms per
+    # file in a large process (folder scans, test runs) and frees nothing here.
+    return _build(pe, data, path, sha256, mapped_base, imports_from)
 
 
 def _as_file_layout(mem: bytes) -> bytes:
@@ -233,12 +287,71 @@ def _as_file_layout(mem: bytes) -> bytes:
             vsize, vaddr = struct.unpack_from("<II", buf, h + 8)
             struct.pack_into("<II", buf, h + 16, vsize, vaddr)
     except struct.error as e:
-        raise ImageError(f"memory image: truncated headers ({e})") from e
+        raise ImageError("memory image: truncated headers") from e
     return bytes(buf)
 
 
+def code_file_ranges(data: bytes | mmap.mmap) -> list[tuple[int, int]] | None:
+    """File ranges [start, end) whose bytes `parse` can place in an executable section, read from the headers alone
+    with `struct` (microseconds, no pefile). None unless the headers pass the checks `parse` makes of them (so a
+    caller that gets None must use `parse`, which explains what is wrong). Used by folder scans to skip files
+    whose tag bytes occur only outside code.
+
+    Conservative: a range is included whenever `parse` might map it into code (the headers too, if an executable
+    section starts inside them); never raises.
+    """
+    try:
+        if data[:2] != b"MZ" or len(data) > MAX_FILE_SIZE:
+            return None
+        pe_off = struct.unpack_from("<I", data, 0x3C)[0]
+        if data[pe_off : pe_off + 4] != b"PE\0\0":
+            return None
+        machine, count, opt_size = struct.unpack_from("<H H 12x H", data, pe_off + 4)
+        opt = pe_off + 24
+        magic = struct.unpack_from("<H", data, opt)[0]
+        if machine not in MACHINES or not 0 < count <= 96 or magic != (0x20B if MACHINES[machine] == "x64" else 0x10B):
+            return None
+        dirs = opt + (112 if magic == 0x20B else 96)
+        if opt_size < dirs - opt or opt + opt_size > len(data):
+            return None
+        size_of_image, size_of_headers = struct.unpack_from("<II", data, opt + 56)
+        if not 0 < size_of_image <= min(MAX_IMAGE_SIZE, len(data) + MAX_VIRTUAL_EXCESS):
+            return None
+        n_dirs = min(struct.unpack_from("<I", data, dirs - 4)[0], (opt_size - (dirs - opt)) // 8)
+        if n_dirs > 14 and any(struct.unpack_from("<II", data, dirs + 8 * 14)):
+            return None  # .NET
+        table = opt + opt_size
+        if table + 40 * count > len(data):
+            return None
+        out: list[tuple[int, int]] = []
+        spans = []
+        headers_in_code = False
+        for i in range(count):
+            vsize, rva, raw_size, raw_off, chars = struct.unpack_from("<8x4I12xI", data, table + 40 * i)
+            size = max(vsize or raw_size, raw_size)
+            if rva >= size_of_image or rva + size > size_of_image + 0x1000:
+                return None
+            if raw_size and raw_off + min(raw_size, size) > len(data):
+                return None
+            spans.append((rva, rva + min(size, size_of_image - rva)))
+            if not chars & (SCN_MEM_EXECUTE | SCN_CNT_CODE):
+                continue
+            if raw_size:
+                out.append((raw_off, raw_off + raw_size))
+            if rva < size_of_headers:  # `parse` copies the headers first: this section's range shows them
+                headers_in_code = True
+        spans.sort()
+        if any(b[0] < a[1] for a, b in zip(spans, spans[1:])) or (not out and not headers_in_code):
+            return None
+        if headers_in_code:
+            out.append((0, size_of_headers))
+        return out
+    except struct.error:
+        return None
+
+
 def _build(
-    pe: pefile.PE, data: bytes, path: str, sha256: str, mapped_base: Optional[int], imports_from: Optional[Image]
+    pe: pefile.PE, data: bytes, path: str, sha256: str, mapped_base: int | None, imports_from: Image | None
 ) -> Image:
     machine = pe.FILE_HEADER.Machine
     if machine not in MACHINES:
@@ -254,6 +367,11 @@ def _build(
     size_of_image = oh.SizeOfImage
     if not 0 < size_of_image <= MAX_IMAGE_SIZE:
         raise ImageError(f"{path}: implausible SizeOfImage {size_of_image:#x}")
+    if size_of_image > len(data) + MAX_VIRTUAL_EXCESS:
+        raise ImageError(
+            f"{path}: implausible SizeOfImage {size_of_image:#x} for a file of {len(data):#x} bytes (more than "
+            f"{MAX_VIRTUAL_EXCESS >> 20} MiB of uninitialised data; a corrupt header?)"
+        )
     mapped = mapped_base is not None
     sections = _sections(pe, path, size_of_image, len(data), mapped)
     warnings: list[str] = []
@@ -284,10 +402,12 @@ def _build(
         )
     except Exception as e:  # pefile raises assorted builtins on hostile directories
         raise ImageError(f"{path}: corrupt import or export directory ({type(e).__name__}: {e})") from e
-    imports = dict(imports_from.imports) if imports_from is not None else _imports(pe)
+    imports = dict(imports_from.imports) if imports_from is not None else _imports(pe, size_of_image, warnings)
     if mapped and not imports and imports_from is None:
-        warnings.append("no import names in the memory image (INIT discarded?); give the driver file with --imports-from")
-    exports = _exports(pe)
+        warnings.append(
+            "no import names in the memory image (INIT discarded?); give the driver file with --imports-from"
+        )
+    exports = _exports(pe, size_of_image)
     functions = _pdata(mem, dirs[3], path, size_of_image, warnings) if arch == "x64" and len(dirs) > 3 else ()
     relocs, reloc_sizes, reloc_entries = (
         _relocations(mem, dirs[5], size_of_image, warnings) if len(dirs) > 5 else ((), (), ())
@@ -351,22 +471,28 @@ def _sections(pe: pefile.PE, path: str, size_of_image: int, file_size: int, mapp
     return tuple(out)
 
 
-def _imports(pe: pefile.PE) -> dict[int, Import]:
+def _imports(pe: pefile.PE, size: int, warnings: list[str]) -> dict[int, Import]:
     out: dict[int, Import] = {}
     base = pe.OPTIONAL_HEADER.ImageBase
+    outside = 0
     for entry in getattr(pe, "DIRECTORY_ENTRY_IMPORT", []):
         dll = entry.dll.decode("latin-1") if entry.dll else "?"
         for imp in entry.imports:
+            if imp.address is None or not 0 <= imp.address - base <= size - 4:
+                outside += 1  # an IAT slot outside the image: nothing in the image can call through it
+                continue
             name = imp.name.decode("latin-1") if imp.name else f"#{imp.ordinal}"
             out[imp.address - base] = Import(dll, name)
+    if outside:
+        warnings.append(f"{outside} import slots outside the image were ignored")
     return out
 
 
-def _exports(pe: pefile.PE) -> dict[int, str]:
+def _exports(pe: pefile.PE, size: int) -> dict[int, str]:
     out: dict[int, str] = {}
     d = getattr(pe, "DIRECTORY_ENTRY_EXPORT", None)
     for sym in getattr(d, "symbols", []) if d else []:
-        if sym.name and not sym.forwarder:
+        if sym.name and not sym.forwarder and isinstance(sym.address, int) and 0 <= sym.address < size:
             out.setdefault(sym.address, sym.name.decode("latin-1"))
     return out
 
@@ -378,14 +504,24 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
     if start + length > size:
         warnings.append(".pdata extends past the image; truncated")
         length = max(0, (size - start) // 12 * 12)
+    cap = max(1, min(MAX_PDATA_ENTRIES, size // 4))
+    if length // 12 > cap:
+        warnings.append(f".pdata has {length // 12} entries; only the first {cap} are read")
+        length = 12 * cap
     entries = list(struct.iter_unpack("<III", mem[start : start + length]))
-    by_begin = {b: (b, e, u) for b, e, u in entries}
-    roots: dict[int, list[tuple[int, int]]] = {}
-    bad = 0
-    for b, e, u in entries:
-        if not (0 < b < e <= size):
-            bad += 1
+    valid = sorted(ent for ent in entries if 0 < ent[0] < ent[1] <= size)
+    bad = len(entries) - len(valid)
+    # .pdata is sorted and its ranges are disjoint (RtlLookupFunctionEntry searches it): an entry overlapping an
+    # earlier one is corrupt, and 100,000 copies of one range would make the scanner disassemble it 100,000 times.
+    kept: list[tuple[int, int, int]] = []
+    for ent in valid:
+        if kept and ent[0] < kept[-1][1]:
             continue
+        kept.append(ent)
+    overlapping = len(valid) - len(kept)
+    by_begin = {b: (b, e, u) for b, e, u in kept}
+    roots: dict[int, list[tuple[int, int]]] = {}
+    for b, e, u in kept:
         root = b
         seen = 0
         # A chained entry describes a fragment of another function; follow the chain to its primary entry.
@@ -401,6 +537,8 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
         roots.setdefault(root, []).append((b, e))
     if bad:
         warnings.append(f"{bad} .pdata entries out of range were ignored")
+    if overlapping:
+        warnings.append(f"{overlapping} .pdata entries overlapping others were ignored")
     return tuple(Function(r, tuple(sorted(rs))) for r, rs in sorted(roots.items()))
 
 
@@ -414,7 +552,9 @@ def _relocations(
     sizes: list[int] = []
     where: list[int] = []
     widths = {1: 2, 2: 2, 3: 4, 10: 8}
-    while pos + 8 <= end:
+    cap = max(1, min(MAX_RELOCATIONS, size // 2))
+    outside = 0
+    while pos + 8 <= end and len(rvas) < cap:
         page, block = struct.unpack_from("<II", mem, pos)
         if block < 8 or pos + block > end:
             if block:
@@ -423,9 +563,17 @@ def _relocations(
         for i, (entry,) in enumerate(struct.iter_unpack("<H", mem[pos + 8 : pos + block - (block - 8) % 2])):
             kind, off = entry >> 12, entry & 0xFFF
             if kind in widths:
+                if page + off + widths[kind] > size:
+                    outside += 1
+                    continue
                 rvas.append(page + off)
                 sizes.append(widths[kind])
                 where.append(pos + 8 + 2 * i)
         pos += block
+    if outside:
+        warnings.append(f"{outside} base relocations outside the image were ignored")
+    if len(rvas) >= cap:
+        warnings.append(f"more than {cap} base relocations; the rest were not read")
+        del rvas[cap:], sizes[cap:], where[cap:]
     order = sorted(range(len(rvas)), key=rvas.__getitem__)
     return tuple(rvas[i] for i in order), tuple(sizes[i] for i in order), tuple(where[i] for i in order)

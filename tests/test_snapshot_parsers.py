@@ -15,9 +15,12 @@ import dataclasses
 import difflib
 import importlib.util
 import pickle
+import random
 import re
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -38,6 +41,7 @@ from tagsplit.snapshots import (
     render_poolused,
     sort_usages,
 )
+from tagsplit.snapshots import parse as parse_module
 from tagsplit.snapshots.model import bulk_new
 
 if TYPE_CHECKING:
@@ -335,6 +339,265 @@ def test_bulk_built_objects_are_ordinary_dataclasses() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="fewer than"):
         bulk_new(PoolBlock, 2, {f.name: [0] for f in dataclasses.fields(PoolBlock)})
+
+
+def test_records_behave_like_the_frozen_dataclasses() -> None:
+    block = PoolBlock(address=0x1000, size=0x20, tag="Tsp1", pool="paged", allocated=True, protected=False,
+                      previous_size=None)  # fmt: skip
+    values = (0x1000, 0x20, "Tsp1", "paged", True, False, None)
+    assert block == PoolBlock(*values)
+    assert block != values  # a plain tuple is not a PoolBlock, whichever side it is on
+    assert values != block
+    assert not block == values  # noqa: SIM201
+    assert hash(block) == hash(values)
+    assert [f.name for f in dataclasses.fields(block)] == [
+        "address", "size", "tag", "pool", "allocated", "protected", "previous_size",
+    ]  # fmt: skip
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(PoolBlock))
+    assert dataclasses.is_dataclass(block)
+    assert dataclasses.asdict(block) == dict(zip(PoolBlock._fields, values))
+    assert dataclasses.replace(block, tag="Tsp2") == PoolBlock(0x1000, 0x20, "Tsp2", "paged", True, False, None)
+    assert repr(block) == (
+        "PoolBlock(address=4096, size=32, tag='Tsp1', pool='paged', allocated=True, protected=False, "
+        "previous_size=None)"
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        block.tag = "Tsp2"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        block.extra = 1  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        assert block < block  # type: ignore[operator]
+    with pytest.raises(TypeError):
+        sorted([block, block])
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(block, protocol)) == block
+    assert copy.copy(block) == block
+    usage = TagUsage(tag="Abc ", nonpaged_outstanding=1, nonpaged_bytes=16, paged_outstanding=0, paged_bytes=0,
+                     nonpaged_allocs=None, nonpaged_frees=None, paged_allocs=None, paged_frees=None,
+                     description="")  # fmt: skip
+    assert (usage.outstanding_allocs, usage.outstanding_bytes, usage.verbose) == (1, 16, False)
+    assert usage != PoolBlock(*values)
+    assert {usage: 1}[TagUsage(*usage)] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fast paths (whole regions and tables read in bulk) must read exactly what the line-by-line patterns read.
+
+
+def _outcome(parse: Callable[[str], object], text: str) -> tuple[str, object]:
+    try:
+        return "parsed", parse(text)
+    except DebuggerOutputError as e:
+        return "error", str(e)
+
+
+def _both_paths(parse: Callable[[str], object], text: str, piece: int | None = None) -> tuple[object, object]:
+    """The outcome of `parse(text)` with the fast paths, and with them turned off."""
+    with ExitStack() as stack:
+        if piece is not None:
+            stack.enter_context(mock.patch.object(parse_module, "_PIECE", piece))
+        fast = _outcome(parse, text)
+        stack.enter_context(mock.patch.object(parse_module, "_poolfind_fast", return_value=None))
+        stack.enter_context(mock.patch.object(parse_module, "_poolused_fast", return_value=None))
+        full = _outcome(parse, text)
+    return fast, full
+
+
+def _poolfind_texts() -> list[str]:
+    rng = random.Random(5)
+    tags = ["Tsp1", "AGP ", " rx.", "Ab c", "Pro.", "Mm  "]
+    classic, new = [], []
+    for i in range(60):
+        pool = "nonpaged" if i < 30 else "paged"
+        allocated = rng.random() < 0.8
+        classic.append(
+            PoolBlock(0xFFFFFA8000C02000 + 0x40 * i, rng.choice((0x20, 0x430, 0x12345)), rng.choice(tags), pool,
+                      allocated, allocated and rng.random() < 0.2, rng.choice((0, 0x30, 0x290)))
+        )  # fmt: skip
+        new.append(PoolBlock(0xFFFF830DA0CE8010 + 0x40 * i, rng.choice((0, 0xB70)), rng.choice(tags), pool, True,
+                             False, None))  # fmt: skip
+    x86 = [dataclasses.replace(b, address=b.address & 0xFFFFFFFF) for b in classic]
+    return [
+        render_poolfind(classic, "*", 0, new_format=False),
+        render_poolfind(x86, "*", 0, new_format=False),
+        render_poolfind(new, "*", 0),
+        render_poolfind([dataclasses.replace(b, address=b.address & 0xFFFFFFFF) for b in new], "*", 1),
+        _read("poolfind_classic_x86_msdocs.txt"),
+        _read("poolfind_new_win10_rekall_notes.txt"),
+    ]
+
+
+def _poolused_texts() -> list[str]:
+    rng = random.Random(6)
+    usages = [
+        TagUsage(tag, *(rng.choice((0, 7, 12345, 10**9)) for _ in range(8)), rng.choice(("", "desc", " x\ty ")))
+        for tag in ["Tsp1", "AGP ", " rx.", "Ab c", "kd> ", "0123", "Mm  ", "TOTA"]
+    ]
+    described = [dataclasses.replace(u, description=u.description or "UNKNOWN") for u in usages]
+    return [render_poolused(usages, flags) for flags in (0, 1, 2, 4)] + [
+        render_poolused(described, flags) for flags in (0, 1, 2, 5)
+    ] + [_read("poolused_2_live_dump_nickkuo.txt"), _read("poolused_default_xp_msdocs.txt")]  # fmt: skip
+
+
+_INSERTS = [
+    "\t",
+    " ",
+    "  ",
+    "*",
+    "`",
+    "-",
+    "0",
+    "00",
+    "+",
+    "_",
+    "|",
+    ".",
+    "e",
+    ",",
+    "[",
+    "\x0b",
+    "\r",
+    "\xa0",
+    "١",
+    "x",
+]
+
+
+def _mutated(text: str, rng: random.Random) -> str:
+    """`text` with a few small edits: characters inserted, deleted or replaced, lines duplicated or added."""
+    lines = text.split("\n")
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(lines))
+        line = lines[i]
+        pos = rng.randint(0, len(line))
+        kind = rng.randrange(6)
+        if kind == 0:
+            lines[i] = line[:pos] + rng.choice(_INSERTS) + line[pos:]
+        elif kind == 1 and line:
+            lines[i] = line[:pos] + line[pos + 1 :]
+        elif kind == 2 and pos < len(line):
+            lines[i] = line[:pos] + rng.choice(_INSERTS) + line[pos + 1 :]
+        elif kind == 3:
+            lines.insert(i, line)
+        elif kind == 4:
+            lines.insert(i, rng.choice(["", "kd> ", "....", "  ", "TOTAL 1 2 3 4", " Sorting by Tag"]))
+        else:
+            lines[i] = line.rstrip() + rng.choice([" ", "\t", "  x"])
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("piece", [None, 64])
+def test_fast_paths_read_like_the_line_patterns(piece: int | None) -> None:
+    rng = random.Random(7)
+    cases = [(parse_poolfind, t) for t in _poolfind_texts()] + [(parse_poolused, t) for t in _poolused_texts()]
+    for parse, text in cases:
+        fast, full = _both_paths(parse, text, piece)
+        assert fast == full
+        assert fast[0] == "parsed"
+        for _ in range(40):
+            mutated = _mutated(text, rng)
+            fast, full = _both_paths(parse, mutated, piece)
+            assert fast == full, mutated
+
+
+_USED = (
+    " Sorting by Tag\n\n"
+    " Tag       Allocs       Frees      Diff         Used       Allocs       Frees      Diff         Used\n\n"
+    " Abcd           5           2         3          768            0           0         0            0\tA driver\n"
+    " Mm             1           0         1           16           40          30        10          640\tMemory\n"
+    "\nTOTAL           6           2         4          784           40          30        10          640\n"
+)
+_FOUND = (
+    "Searching NonPaged pool (fffffa8000c00000 : fffffa800d810000) for Tag: *\n\n"
+    "fffffa8000c03000 size:  430 previous size:   30  (Allocated) Proc (Protected)\n"
+    "fffffa8000c03430 size:   20 previous size:  430  (Free)      Pro.\n"
+    "fffffa8000c03450 size:   a0 previous size:   20  (Allocated) Mm  \n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "old", "new"),
+    [
+        (_USED, "5           2", "5\t          2"),  # TAB between numbers
+        (_USED, " Abcd     ", " kd> \t   "),  # a row that also reads as a prompt (noise)
+        (_USED, "A driver", "A\tdriver"),  # TAB in the description
+        (_USED, "768", "007"),  # leading zeros
+        (_USED, "           2         3", "          -2        -3"),  # negative numbers
+        (_USED, "         0\tA driver", "10000000000000\tA driver"),  # last number wider than its column
+        (_USED, "        640\tMemory", "      01640\tMemory"),  # digits glued to the last number
+        (_USED, "          640\tMemory", "            -5\tMemory"),  # the same cut would leave a lone '-'
+        (_USED, "\tA driver", ""),  # a row without description
+        (_USED, "\tA driver", "   "),
+        (_USED, "768", "7٦8"),  # a digit that is not ASCII
+        (_USED, "768", "+768"),
+        (_USED, "768", "7_68"),
+        (_USED, "768", "7\r8"),
+        (_USED, "768", "7\x0b8"),
+        (
+            _USED,
+            "\nTOTAL",
+            "TOTAL           6           2         4          784           40          30        10          640\n"
+            "\nTOTAL",
+        ),
+        (_USED, "\nTOTAL", "\n TOTAL 1 2"),
+        (_FOUND, "fffffa8000c03000", "*fffffa8000c03000"),
+        (_FOUND, "fffffa8000c03000", "fffffa80`00c03000"),
+        (_FOUND, "fffffa8000c03000", "80c03000"),
+        (_FOUND, "fffffa8000c03000", "fa8000c03000"),
+        (_FOUND, "fffffa8000c03000", "FFFFFA8000C03000"),
+        (_FOUND, "fffffa8000c03000", "fffffa8000c0300g"),
+        (_FOUND, "(Free)      Pro.", "(Free)     Pro."),
+        (_FOUND, "Mm  \n", "Mm\n"),
+        (_FOUND, "Mm  \n", "Mm   \n"),
+        (_FOUND, "(Protected)", "(Protected) "),
+        (_FOUND, " 430 previous", "12345 previous"),
+        (_FOUND, "size:  430", "size:\t430"),
+        (
+            _FOUND,
+            "fffffa8000c03450 size:   a0 previous size:   20  (Allocated) Mm  ",
+            "fffffa8000c03450 : tag Mm  , size      0xa0, Nonpaged pool",
+        ),
+    ],
+)
+def test_fast_paths_on_odd_lines(text: str, old: str, new: str) -> None:
+    assert old in text
+    parse = parse_poolused if text is _USED else parse_poolfind
+    fast, full = _both_paths(parse, text.replace(old, new, 1))
+    assert fast == full
+
+
+def _recording(func: Callable[..., object]) -> tuple[Callable[..., object], list[object]]:
+    results: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        results.append(func(*args, **kwargs))
+        return results[-1]
+
+    return spy, results
+
+
+def test_fast_paths_are_taken() -> None:
+    """Output as WinDbg prints it goes the fast way (else the benchmark would quietly fall back to the slow one)."""
+    for name, parse, texts in [
+        ("_poolfind_fast", parse_poolfind, _poolfind_texts()[:4]),
+        ("_poolused_fast", parse_poolused, _poolused_texts()[4:8]),  # the layouts with a TAB before each description
+    ]:
+        spy, results = _recording(getattr(parse_module, name))
+        with mock.patch.object(parse_module, name, spy):
+            for text in texts:
+                assert parse(text)
+        assert results
+        assert None not in results, name
+
+
+def test_hex_words() -> None:
+    words = parse_module._hex_words
+    assert words(["fffffa8000c77000", "fffff800`12345678"]) == [0xFFFFFA8000C77000, 0xFFFFF80012345678]
+    assert words(["826fa130", "00000000"]) == [0x826FA130, 0]
+    assert words([]) == []
+    for bad in (["826fa130", "fffffa8000c77000"], ["826fa13g"], ["826fa13 "], [" 826fa13"], ["+826fa13"],
+                ["````````````````", "fffffa8000c77000"], ["826fa1`0"]):  # fmt: skip
+        assert words(bad) is None, bad
 
 
 # ---------------------------------------------------------------------------------------------------------------------

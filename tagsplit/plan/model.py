@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import InputError, PlanError
 
@@ -62,13 +64,13 @@ class SitePlan:
     rva: int
     api: str
     role: str
-    function: Optional[str]
-    old_tag: Optional[int]
-    new_tag: Optional[int]
+    function: str | None
+    old_tag: int | None
+    new_tag: int | None
     strategy: str
     reason: str
     patches: tuple[Patch, ...] = ()
-    stub_rva: Optional[int] = None
+    stub_rva: int | None = None
     stub: bytes = b""
     stub_text: tuple[str, ...] = ()
     shared_with: tuple[int, ...] = ()
@@ -95,7 +97,7 @@ class Plan:
     free_sites: tuple[SitePlan, ...] = ()  # frees that pass a suspect tag and are left unchanged
     options: dict[str, Any] = field(default_factory=dict)
 
-    def patches(self, scope: Optional[str] = None) -> list[Patch]:
+    def patches(self, scope: str | None = None) -> list[Patch]:
         out = [p for s in self.sites for p in s.patches]
         if scope == CODE:
             out = [p for p in out if p.scope == CODE]
@@ -110,11 +112,11 @@ class Plan:
 # --- JSON ----------------------------------------------------------------------------------------------------
 
 
-def _hex(v: Optional[int]) -> Optional[str]:
+def _hex(v: int | None) -> str | None:
     return None if v is None else f"{v:#x}"
 
 
-def _tag_text(v: Optional[int]) -> Optional[str]:
+def _tag_text(v: int | None) -> str | None:
     if v is None:
         return None
     raw = (v & 0x7FFFFFFF).to_bytes(4, "little")
@@ -185,44 +187,88 @@ def digest(plan: Plan) -> str:
     return hashlib.sha256(dumps(plan).encode()).hexdigest()
 
 
-def _int(v: Any, what: str) -> int:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+MAX_PLAN_FILE = 256 << 20  # a plan for 10,000 sites is ~10 MB; refuse anything absurd unread
+
+
+def _int(v: Any, what: str, hi: int = U32) -> int:
     if isinstance(v, str):
         try:
-            return int(v, 16) if v.lower().startswith("0x") else int(v)
+            v = int(v, 16) if v.lower().startswith("0x") else int(v)
         except ValueError:
-            pass
-    raise PlanError(f"{what}: expected a number, got {v!r}")
+            raise PlanError(f"{what}: expected a number, got {_short(v)}") from None
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 0 <= v <= hi:
+            raise PlanError(f"{what}: {v:#x} is out of range (0..{hi:#x})")
+        return v
+    raise PlanError(f"{what}: expected a number, got {_short(v)}")
 
 
-def _opt_int(v: Any, what: str) -> Optional[int]:
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _opt_int(v: Any, what: str) -> int | None:
     return None if v is None else _int(v, what)
 
 
 def _bytes(v: Any, what: str) -> bytes:
     if not isinstance(v, str):
-        raise PlanError(f"{what}: expected hex bytes, got {v!r}")
+        raise PlanError(f"{what}: expected hex bytes, got {_short(v)}")
     try:
         return bytes.fromhex(v)
     except ValueError:
-        raise PlanError(f"{what}: not hex bytes: {v!r}") from None
+        raise PlanError(f"{what}: not hex bytes: {_short(v)}") from None
+
+
+def _text(v: Any, what: str, default: str = "") -> str:
+    if v is None:
+        return default
+    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+        raise PlanError(f"{what}: expected text, got {_short(v)}")
+    return str(v)
+
+
+def _opt_text(v: Any, what: str) -> str | None:
+    return None if v is None else _text(v, what)
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise PlanError(f"{what}: expected a list, got {_short(v)}")
+    return v
+
+
+def _dict(v: Any, what: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise PlanError(f"{what}: expected an object, got {_short(v)}")
+    return v
 
 
 def _patch(d: Any, where: str) -> Patch:
     if not isinstance(d, dict):
         raise PlanError(f"{where}: expected an object")
     rva = _int(d.get("rva"), f"{where}.rva")
-    alts = tuple(str(a).lower() for a in d.get("resident_alternatives", []))
+    alts = []
+    for i, a in enumerate(_list(d.get("resident_alternatives"), f"{where}.resident_alternatives")):
+        if not isinstance(a, str):
+            raise PlanError(f"{where}.resident_alternatives[{i}]: expected a hex pattern, got {_short(a)}")
+        alts.append(a.lower())
     scope = d.get("scope", CODE)
     if scope not in (CODE, FILE_ONLY):
-        raise PlanError(f"{where}.scope: unknown scope {scope!r}")
+        raise PlanError(f"{where}.scope: unknown scope {_short(scope)}")
     return Patch(
         rva,
         _bytes(d.get("original"), f"{where}.original"),
         _bytes(d.get("replacement"), f"{where}.replacement"),
-        str(d.get("what", "")),
-        alts,
+        _text(d.get("what"), f"{where}.what"),
+        tuple(alts),
         scope,
     )
 
@@ -231,27 +277,29 @@ def _site(d: Any, where: str) -> SitePlan:
     if not isinstance(d, dict):
         raise PlanError(f"{where}: expected an object")
     strategy = d.get("strategy")
-    if strategy not in STRATEGIES:
-        raise PlanError(f"{where}.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    patches = d.get("patches", [])
-    if not isinstance(patches, list):
-        raise PlanError(f"{where}.patches: expected a list")
-    stub = d.get("stub") or {}
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise PlanError(f"{where}.strategy: {_short(strategy)} is not one of {', '.join(STRATEGIES)}")
+    patches = _list(d.get("patches"), f"{where}.patches")
+    stub = _dict(d.get("stub"), f"{where}.stub")
+    if stub and stub.get("rva") is None:
+        raise PlanError(f"{where}.stub: a stub needs its rva")
+    code = _list(stub.get("code"), f"{where}.stub.code")
+    shared = _list(d.get("shared_with"), f"{where}.shared_with")
     return SitePlan(
         rva=_int(d.get("rva"), f"{where}.rva"),
-        api=str(d.get("api", "")),
-        role=str(d.get("role", "")),
-        function=d.get("function"),
+        api=_text(d.get("api"), f"{where}.api"),
+        role=_text(d.get("role"), f"{where}.role"),
+        function=_opt_text(d.get("function"), f"{where}.function"),
         old_tag=_opt_int(d.get("old_tag_value"), f"{where}.old_tag_value"),
         new_tag=_opt_int(d.get("new_tag_value"), f"{where}.new_tag_value"),
         strategy=strategy,
-        reason=str(d.get("reason", "")),
+        reason=_text(d.get("reason"), f"{where}.reason"),
         patches=tuple(_patch(p, f"{where}.patches[{i}]") for i, p in enumerate(patches)),
         stub_rva=_opt_int(stub.get("rva"), f"{where}.stub.rva") if stub else None,
         stub=_bytes(stub.get("bytes", ""), f"{where}.stub.bytes") if stub else b"",
-        stub_text=tuple(stub.get("code", [])) if stub else (),
-        shared_with=tuple(_int(r, f"{where}.shared_with") for r in d.get("shared_with", [])),
-        section=str(d.get("section", "")),
+        stub_text=tuple(_text(c, f"{where}.stub.code[{i}]") for i, c in enumerate(code)),
+        shared_with=tuple(_int(r, f"{where}.shared_with[{i}]") for i, r in enumerate(shared)),
+        section=_text(d.get("section"), f"{where}.section"),
     )
 
 
@@ -264,34 +312,38 @@ def from_json(doc: Any) -> Plan:
     if not isinstance(doc, dict) or doc.get("tool", "tagsplit") != "tagsplit":
         raise PlanError("not a tagsplit plan")
     if doc.get("schema") != SCHEMA:
-        raise PlanError(f"plan schema {doc.get('schema')!r} is not supported (this tagsplit reads schema {SCHEMA})")
+        schema = _short(doc.get("schema"))
+        raise PlanError(f"plan schema {schema} is not supported (this tagsplit reads schema {SCHEMA})")
     d = doc.get("driver")
     if not isinstance(d, dict):
         raise PlanError("plan has no driver identity")
     sha = d.get("sha256")
-    if not isinstance(sha, str) or len(sha) != 64:
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha):
         raise PlanError("plan driver.sha256 is missing or malformed")
     driver = Driver(
-        path=str(d.get("path", "")),
-        name=str(d.get("name", "")),
+        path=_text(d.get("path"), "driver.path"),
+        name=_text(d.get("name"), "driver.name"),
         sha256=sha,
-        arch=str(d.get("arch", "")),
+        arch=_text(d.get("arch"), "driver.arch"),
         timestamp=_int(d.get("timestamp"), "driver.timestamp"),
         size_of_image=_int(d.get("size_of_image"), "driver.size_of_image"),
         checksum=_int(d.get("checksum"), "driver.checksum"),
-        image_base=_int(d.get("image_base"), "driver.image_base"),
+        image_base=_int(d.get("image_base"), "driver.image_base", U64),
     )
     if driver.arch not in ("x64", "x86"):
         raise PlanError(f"plan driver.arch {driver.arch!r} is not x64 or x86")
+    if "\0" in driver.path or "\0" in driver.name:
+        raise PlanError("plan driver.path or driver.name holds a NUL character")
     sites = doc.get("sites")
     if not isinstance(sites, list):
         raise PlanError("plan has no sites list")
+    free = _list(doc.get("free_sites"), "free_sites")
     plan = Plan(
         driver=driver,
-        tags=tuple(_int(t, "tags") for t in doc.get("tags", [])),
+        tags=tuple(_int(t, f"tags[{i}]") for i, t in enumerate(_list(doc.get("tags"), "tags"))),
         sites=tuple(_site(s, f"sites[{i}]") for i, s in enumerate(sites)),
-        free_sites=tuple(_site(s, f"free_sites[{i}]") for i, s in enumerate(doc.get("free_sites", []))),
-        options=dict(doc.get("options", {})),
+        free_sites=tuple(_site(s, f"free_sites[{i}]") for i, s in enumerate(free)),
+        options=dict(_dict(doc.get("options"), "options")),
     )
     check(plan)
     return plan
@@ -299,7 +351,7 @@ def from_json(doc: Any) -> Plan:
 
 def check(plan: Plan) -> None:
     """Patches must not overlap, and must lie inside the image."""
-    last: Optional[Patch] = None
+    last: Patch | None = None
     for p in plan.patches():
         if p.rva < 0 or p.end > plan.driver.size_of_image:
             raise PlanError(f"patch at {p.rva:#x} lies outside the image")
@@ -308,16 +360,51 @@ def check(plan: Plan) -> None:
         last = p
 
 
-def load(path: str | Path) -> Plan:
+def read_text(path: str | Path, what: str, limit: int = MAX_PLAN_FILE) -> str:
+    """A small UTF-8 document (plan, journal): regular files only, at most `limit` bytes.
+
+    Raises:
+        InputError: cannot be read, not a regular file, or larger than `limit`.
+        PlanError: not UTF-8 text.
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{p}: cannot read {what}: not a regular file")
+            data = f.read(limit + 1)
+    except IsADirectoryError as e:
+        raise InputError(f"{p}: cannot read {what}: is a directory") from e
     except OSError as e:
-        raise InputError(f"{p}: cannot read plan: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise PlanError(f"{p}: not a plan (not UTF-8 text)") from e
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{p}: cannot read {what}: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise InputError(f"{p}: cannot read {what}: larger than {limit >> 20} MiB")
     try:
-        doc = json.loads(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{p}: not {what} (not UTF-8 text)") from e
+
+
+def parse_json(text: str, path: str | Path, what: str) -> Any:
+    """json.loads with every failure as a PlanError (bad syntax, absurd nesting)."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise PlanError(f"{p}: not a plan (invalid JSON at line {e.lineno}: {e.msg})") from e
-    return from_json(doc)
+        raise PlanError(f"{path}: not {what} (invalid JSON at line {e.lineno}: {e.msg})") from e
+    except (ValueError, RecursionError) as e:  # e.g. an integer of 5000 digits, or 100,000 nested brackets
+        raise PlanError(f"{path}: not {what} ({type(e).__name__}: {str(e)[:80]})") from e
+
+
+def load(path: str | Path) -> Plan:
+    """Read a plan file.
+
+    Raises:
+        InputError: the file cannot be read.
+        PlanError: the file is not a valid plan.
+    """
+    p = Path(path)
+    text = read_text(p, "a plan")
+    return from_json(parse_json(text, p, "a plan"))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, TypeVar
 
 from .. import tags
 
@@ -37,15 +38,15 @@ class Instruction:
 @dataclass(frozen=True)
 class TagSource:
     kind: str
-    value: Optional[int] = None  # the tag dword where it is a constant
-    insn: Optional[Instruction] = None  # the instruction holding the constant (kind imm)
-    imm_offset: Optional[int] = None  # offset of the 4 tag bytes inside `insn.raw`
+    value: int | None = None  # the tag dword where it is a constant
+    insn: Instruction | None = None  # the instruction holding the constant (kind imm)
+    imm_offset: int | None = None  # offset of the 4 tag bytes inside `insn.raw`
     other_sources: tuple[int, ...] = ()  # further instructions that set the same constant on other paths
-    param_index: Optional[int] = None  # 1-based, kind param
+    param_index: int | None = None  # 1-based, kind param
     detail: str = ""  # why it is not an immediate, in words
 
     @property
-    def rva(self) -> Optional[int]:
+    def rva(self) -> int | None:
         return self.insn.rva if self.insn else None
 
 
@@ -57,8 +58,8 @@ class CallSite:
     api: str
     role: str
     call: str
-    function_rva: Optional[int]
-    function_name: Optional[str]
+    function_rva: int | None
+    function_name: str | None
     section: str
     tag_source: TagSource
     shared_with: tuple[int, ...] = ()  # other sites fed by the same tag instruction
@@ -67,11 +68,11 @@ class CallSite:
     notes: tuple[str, ...] = ()
 
     @property
-    def tag_value(self) -> Optional[int]:
+    def tag_value(self) -> int | None:
         return self.tag_source.value
 
     @property
-    def tag(self) -> Optional[str]:
+    def tag(self) -> str | None:
         return tags.display_or_none(self.tag_value)
 
 
@@ -91,3 +92,23 @@ class DriverScan:
     import_thunks: dict[int, bool] = field(default_factory=dict)  # jmp [IAT] stub RVA -> called by any code
     stubs: dict[int, int] = field(default_factory=dict)  # stub entry RVA -> RVA of its final jump
     warnings: tuple[str, ...] = ()
+
+
+_T = TypeVar("_T")
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def make(cls: type[_T], *values: Any) -> _T:
+    """An instance of the frozen dataclass `cls` with every field, in declaration order, set from `values`.
+
+    The same object the generated `__init__` makes, without its cost: a frozen dataclass's `__init__` assigns each
+    field through `object.__setattr__`, which is most of the time a scan spends building its results.
+    """
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    if len(values) != len(names):
+        raise TypeError(f"{cls.__name__} has {len(names)} fields, got {len(values)} values")
+    obj = object.__new__(cls)
+    obj.__dict__.update(zip(names, values))
+    return obj

@@ -10,10 +10,14 @@ from __future__ import annotations
 import bisect
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
 
-from ..image import Image
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ..image import Image
 
 CALL_MEM = "call"  # call [slot]
 JMP_MEM = "jmp"  # jmp [slot]
@@ -31,7 +35,55 @@ class Ref:
 # x64: FF 15/FF 25 rel32, and mov r64, [rip+rel32] (REX 8B, ModRM with mod=00 rm=101). A REX prefix before FF 15 is
 # not matched by the expression: the byte before may as well be the last byte of the previous instruction (a tag
 # immediate ending in 'H' is 0x48), so both readings are kept and decoding the function decides.
-_X64 = re.compile(rb"\xff[\x15\x25]|[\x48\x4c]\x8b[\x05\x0d\x15\x1d\x25\x2d\x35\x3d]", re.S)
+_X64_LOAD_MODRM = rb"[\x05\x0d\x15\x1d\x25\x2d\x35\x3d]"
+
+# The searches below run over the code in chunks. Within a chunk the rel32 that reaches a given target can only take
+# a few values in its upper 16 bits, so a regular expression that starts with the opcode byte (a literal, which
+# `re` finds at memchr speed) and requires those upper bytes rejects nearly every other call and load in C; the
+# few that pass are checked exactly in Python.
+CHUNK = 1 << 20
+_MAX_HIGHS = 4096
+
+
+def rel32_pattern(intervals: Iterable[tuple[int, int]]) -> bytes:
+    """Regex source matching the 4 little-endian bytes of every rel32 in the closed `intervals` (and a few more)."""
+    highs: set[int] = set()
+    for lo, hi in intervals:
+        a, b = lo >> 16, hi >> 16
+        if b - a > _MAX_HIGHS or len(highs) > _MAX_HIGHS:
+            return b"...."
+        highs.update(range(a, b + 1))
+    by_top: dict[int, list[int]] = {}
+    for h in highs:
+        by_top.setdefault((h >> 8) & 0xFF, []).append(h & 0xFF)
+    alts = [_byte_class(lows) + b"\\x%02x" % top for top, lows in sorted(by_top.items())]
+    return b"..(?:" + b"|".join(alts) + b")" if alts else b"(?!)"
+
+
+def _byte_class(values: list[int]) -> bytes:
+    vs = sorted(set(values))
+    if len(vs) == 256:
+        return b"."
+    parts = []
+    i = 0
+    while i < len(vs):
+        j = i
+        while j + 1 < len(vs) and vs[j + 1] == vs[j] + 1:
+            j += 1
+        parts.append(b"\\x%02x" % vs[i] if i == j else b"\\x%02x-\\x%02x" % (vs[i], vs[j]))
+        i = j + 1
+    return b"[" + b"".join(parts) + b"]"
+
+
+def _clusters(targets: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted targets merged into [first, last] runs whose members are less than 64 KiB apart."""
+    out: list[tuple[int, int]] = []
+    for t in sorted(targets):
+        if out and t - out[-1][1] < 0x10000:
+            out[-1] = (out[-1][0], t)
+        else:
+            out.append((t, t))
+    return out
 
 
 def find_refs(image: Image, slots: set[int]) -> list[Ref]:
@@ -40,24 +92,34 @@ def find_refs(image: Image, slots: set[int]) -> list[Ref]:
     mem = image.mem
     if image.arch == "x64":
         unpack = struct.unpack_from
+        groups = _clusters(slots)
         for sec in image.code_sections():
-            for m in _X64.finditer(mem, sec.rva, sec.end):
-                start = m.start()
-                head = m.group()
-                disp_at = m.end()
-                if disp_at + 4 > len(mem):
-                    continue
-                size = disp_at + 4 - start
-                slot = start + size + unpack("<i", mem, disp_at)[0]
-                if slot not in slots:
-                    continue
-                if head[-2:-1] == b"\x8b":
-                    out.append(Ref(start, size, LOAD, slot))
-                    continue
-                kind = CALL_MEM if head[-1] == 0x15 else JMP_MEM
-                out.append(Ref(start, size, kind, slot))
-                if start > 0 and 0x40 <= mem[start - 1] <= 0x4F:
-                    out.append(Ref(start - 1, size + 1, kind, slot))
+            sec_rva, sec_end = sec.rva, sec.end
+            for c in range(sec_rva, sec_end, CHUNK):
+                ce = min(c + CHUNK, sec_end)
+                # the opcode byte (FF, or 8B after its REX) at p in [c, ce); slot = p + 6 + rel32
+                rel = rel32_pattern((a - (ce - 1) - 6, b - c - 6) for a, b in groups)
+                stop = min(len(mem), ce + 6)
+                for m in _compiled(b"\\xff(?=[\\x15\\x25]" + rel + b")").finditer(mem, c, stop):
+                    start = m.start()
+                    if start >= ce:
+                        break
+                    slot = start + 6 + unpack("<i", mem, start + 2)[0]
+                    if slot not in slots or start + 2 > sec_end:
+                        continue
+                    kind = CALL_MEM if mem[start + 1] == 0x15 else JMP_MEM
+                    out.append(Ref(start, 6, kind, slot))
+                    if start > 0 and 0x40 <= mem[start - 1] <= 0x4F:
+                        out.append(Ref(start - 1, 7, kind, slot))
+                for m in _compiled(b"\\x8b(?=" + _X64_LOAD_MODRM + rel + b")").finditer(mem, c, stop):
+                    q = m.start()
+                    if q >= ce:
+                        break
+                    if q - 1 < sec_rva or q + 2 > sec_end or mem[q - 1] not in (0x48, 0x4C):
+                        continue
+                    slot = q + 6 + unpack("<i", mem, q + 2)[0]
+                    if slot in slots:
+                        out.append(Ref(q - 1, 7, LOAD, slot))
     else:
         for slot in slots:
             needle = struct.pack("<I", (image.base + slot) & 0xFFFFFFFF)
@@ -72,7 +134,18 @@ def find_refs(image: Image, slots: set[int]) -> list[Ref]:
     return out
 
 
-def _x86_ref(mem: bytes, pos: int, slot: int) -> Optional[Ref]:
+def _compiled(source: bytes) -> re.Pattern[bytes]:
+    return re.compile(source, re.S)
+
+
+_E8_LITERAL = re.compile(rb"\xe8", re.S)
+
+
+def _e8_positions(mem: bytes, begin: int, end: int) -> list[int]:
+    return [m.start() for m in _E8_LITERAL.finditer(mem, begin, end)]
+
+
+def _x86_ref(mem: bytes, pos: int, slot: int) -> Ref | None:
     op, modrm = mem[pos - 2], mem[pos - 1]
     if op == 0xFF and modrm == 0x15:
         return Ref(pos - 2, 6, CALL_MEM, slot)
@@ -85,21 +158,32 @@ def _x86_ref(mem: bytes, pos: int, slot: int) -> Optional[Ref]:
     return None
 
 
-_E8 = re.compile(rb"[\xe8\xe9]", re.S)
-
-
 def direct_branches_to(image: Image, targets: set[int]) -> list[tuple[int, int, bool]]:
     """(rva, target, is_call) of every E8/E9 rel32 in executable sections that lands on one of `targets`."""
-    out = []
+    out: list[tuple[int, int, bool]] = []
+    if not targets:
+        return out
     mem = image.mem
     unpack = struct.unpack_from
+    groups = _clusters(targets)
     for sec in image.code_sections():
-        end = sec.end - 4
-        for m in _E8.finditer(mem, sec.rva, end):
-            p = m.start()
-            t = p + 5 + unpack("<i", mem, p + 1)[0]
-            if t in targets:
-                out.append((p, t, mem[p] == 0xE8))
+        end = sec.end - 4  # the rel32 lies inside the section
+        found: list[tuple[int, int, bool]] = []
+        for c in range(sec.rva, end, CHUNK):
+            ce = min(c + CHUNK, end)
+            # the opcode at p in [c, ce); target = p + 5 + rel32
+            rel = rel32_pattern((a - (ce - 1) - 5, b - c - 5) for a, b in groups)
+            stop = min(len(mem), ce + 5)
+            for opcode, is_call in ((b"\\xe8", True), (b"\\xe9", False)):
+                for m in _compiled(opcode + b"(?=" + rel + b")").finditer(mem, c, stop):
+                    p = m.start()
+                    if p >= ce:
+                        break
+                    t = p + 5 + unpack("<i", mem, p + 1)[0]
+                    if t in targets:
+                        found.append((p, t, is_call))
+        found.sort()
+        out.extend(found)
     return out
 
 
@@ -124,25 +208,24 @@ class FunctionStarts:
     def __init__(self, image: Image) -> None:
         self.image = image
         starts = {image.entry_rva, *image.exports}
-        callers: dict[int, int] = {}
         code = [(s.rva, s.end) for s in image.code_sections()]
-        in_code = lambda t: any(b <= t < e for b, e in code)  # noqa: E731
+
+        def in_code(t: int) -> bool:
+            return any(b <= t < e for b, e in code)
+
         mem = image.mem
+        unpack = struct.unpack_from
+        called: list[int] = []
         for sec in image.code_sections():
             starts.add(sec.rva)
-            for m in _E8.finditer(mem, sec.rva, sec.end - 4):
-                p = m.start()
-                if mem[p] != 0xE8:
-                    continue
-                t = p + 5 + struct.unpack_from("<i", mem, p + 1)[0]
-                if in_code(t):
-                    callers[t] = callers.get(t, 0) + 1
-        for t, n in callers.items():
-            if n >= 2 or self._after_padding(t):
+            called.extend(p + 5 + unpack("<i", mem, p + 1)[0] for p in _e8_positions(mem, sec.rva, sec.end - 4))
+        for t, n in Counter(called).items():
+            if in_code(t) and (n >= 2 or self._after_padding(t)):
                 starts.add(t)
+        ptr, base, size_ok = image.ptr_size, image.base, len(mem)
         for r, size in zip(image.relocations, image.relocation_sizes):
-            if size == image.ptr_size and r + size <= len(mem):
-                t = int.from_bytes(mem[r : r + size], "little") - image.base
+            if size == ptr and r + size <= size_ok:
+                t = int.from_bytes(mem[r : r + size], "little") - base
                 if in_code(t) and self._after_padding(t):
                     starts.add(t)
         for f in image.functions:
@@ -154,7 +237,7 @@ class FunctionStarts:
     def _after_padding(self, t: int) -> bool:
         return after_padding(self.image.mem, t)
 
-    def bounds(self, rva: int) -> Optional[tuple[int, int]]:
+    def bounds(self, rva: int) -> tuple[int, int] | None:
         i = bisect.bisect_right(self.starts, rva) - 1
         if i < 0:
             return None

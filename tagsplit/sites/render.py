@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from .. import tags
 from ..apis import FREE
 from . import model
-from .model import CallSite, DriverScan
+
+if TYPE_CHECKING:
+    from .model import CallSite, DriverScan
 
 SCHEMA = 1
 
 
-def _hex(v: Optional[int]) -> Optional[str]:
+def _hex(v: int | None) -> str | None:
     return None if v is None else f"{v:#x}"
 
 
@@ -90,14 +92,14 @@ def driver_json(scan: DriverScan) -> dict[str, Any]:
     }
 
 
-def document(scans: list[DriverScan], errors: Optional[list[dict[str, str]]] = None) -> dict[str, Any]:
+def document(scans: list[DriverScan], errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"schema": SCHEMA, "drivers": [driver_json(s) for s in scans]}
     if errors:
         doc["errors"] = errors
     return doc
 
 
-def _tag_label(value: Optional[int]) -> str:
+def _tag_label(value: int | None) -> str:
     if value is None:
         return "(no constant tag)"
     if value == 0:
@@ -123,14 +125,14 @@ def _source_text(site: CallSite) -> str:
     return f"{ts.kind}: {ts.detail}" if ts.detail and ts.detail != ts.kind else ts.kind
 
 
-def render_text(scans: list[DriverScan], wanted: Optional[set[int]] = None, show_all: bool = False) -> str:
+def render_text(scans: list[DriverScan], wanted: set[int] | None = None, show_all: bool = False) -> str:
     """A table per driver, grouped by tag. With `wanted`, only those tags (and the frees that pass them)."""
     out: list[str] = []
     for scan in scans:
         kind = "driver" if scan.is_driver else "NOT A DRIVER (user-mode image)"
         base = f"{'mapped at' if scan.mapped else 'base'} {scan.image_base:#x}"
         out.append(f"{scan.path}  {scan.arch} {kind}  {base}  sha256 {scan.sha256[:16]}…")
-        groups: dict[Optional[int], list[CallSite]] = defaultdict(list)
+        groups: dict[int | None, list[CallSite]] = defaultdict(list)
         for s in scan.sites:
             value = s.tag_value & ~tags.PROTECTED_POOL if s.tag_value is not None else None
             if wanted is not None and value not in wanted:

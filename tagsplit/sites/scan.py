@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import bisect
+import gc
+import marshal
 import multiprocessing
 import os
 import struct
 from collections import defaultdict
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import capstone
 
 from .. import apis
-from ..apis import PoolApi
-from ..image import Image
 from . import model
-from .flow import FunctionCode
-from .model import CallSite, DriverScan, Instruction, TagSource
+from .flow import DecodeMismatch, FunctionCode, StepMemo
+from .model import CallSite, DriverScan, Instruction, TagSource, make
 from .refs import JMP_MEM, LOAD, FunctionStarts, Ref, find_refs
-from .stubs import Stub, find_stubs
 from .semantics import Context, Fork, Insn, Loc, Origin, RegLoc, StackLoc, branch_target, parse_operands, step_back
+from .stubs import Stub, find_stubs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from multiprocessing.connection import Connection
+
+    from ..apis import PoolApi
+    from ..image import Image
 
 _X64_REG_OF = {"r8": "r8", "rdx": "rdx", "r9": "r9", "rcx": "rcx"}
 
@@ -35,20 +44,24 @@ class _Scanner:
         mode = capstone.CS_MODE_64 if image.arch == "x64" else capstone.CS_MODE_32
         self.cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
         self.ctx = Context(image.arch, image.base, self._import_at, self._call_pop, self._stub_body)
-        self._starts: Optional[FunctionStarts] = None
-        self._pops: dict[int, Optional[int]] = {}
+        self._starts: FunctionStarts | None = None
+        self._pops: dict[int, int | None] = {}
         self.notes: list[str] = []
         self.thunks: dict[int, bool] = {}
         self.stubs: dict[int, Stub] = {}
         self._stub_insns: dict[int, Insn] = {}
+        self._memo = StepMemo()
+        self._refs_at: dict[int, Ref] = {}
+        self._ref_rvas: list[int] = []
+        self._stub_calls: list[int] = []
 
     # --- helpers the semantics call back into -------------------------------------------------------------
 
-    def _import_at(self, slot: int) -> Optional[str]:
+    def _import_at(self, slot: int) -> str | None:
         imp = self.image.imports.get(slot)
         return imp.name if imp else None
 
-    def _stub_body(self, target: int) -> Optional[tuple[tuple[Insn, ...], int]]:
+    def _stub_body(self, target: int) -> tuple[tuple[Insn, ...], int] | None:
         stub = self.stubs.get(target)
         if stub is None or stub.is_plain_thunk or stub.ends_in_call:
             return None
@@ -57,7 +70,7 @@ class _Scanner:
             return None  # a `jmp reg` stub on x86: the routine's stack effect is not known here
         return stub.insns[:-1], pop
 
-    def _call_pop(self, insn: Insn) -> Optional[int]:
+    def _call_pop(self, insn: Insn) -> int | None:
         """Bytes an x86 callee pops (stdcall), from the pool table or the callee's own `ret N`."""
         target = branch_target(insn)
         if target is None:
@@ -70,7 +83,7 @@ class _Scanner:
             self._pops[target] = self._ret_size(target)
         return self._pops[target]
 
-    def _ret_size(self, start: int) -> Optional[int]:
+    def _ret_size(self, start: int) -> int | None:
         mem = self.image.mem
         for _, _, mn, ops in self.cs.disasm_lite(mem[start : start + 0x2000], start):
             if mn in ("ret", "retn"):
@@ -84,7 +97,7 @@ class _Scanner:
 
     # --- function bounds -----------------------------------------------------------------------------------
 
-    def _function(self, rva: int) -> Optional[tuple[int, tuple[tuple[int, int], ...]]]:
+    def _function(self, rva: int) -> tuple[int, tuple[tuple[int, int], ...]] | None:
         f = self.image.function_at(rva)
         if f is not None:
             return f.rva, f.ranges
@@ -114,77 +127,161 @@ class _Scanner:
                 continue
             by_function.setdefault(fn[0], fn[1])
         self._refs_at = {r.rva: r for r in refs}
+        self._ref_rvas = sorted(self._refs_at)
+        self._stub_calls = sorted({src for cs in callers.values() for src, _ in cs})
         work = sorted(by_function.items())
         workers = _workers(len(work))
         if workers > 1:
-            global _ACTIVE
-            _ACTIVE = self
-            chunks = [work[i::workers] for i in range(workers)]
-            try:
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
-                    parts = pool.map(_analyse_chunk, chunks)
-            finally:
-                _ACTIVE = None
-            sites = [s for part in parts for s in part]
+            sites = self._analyse_in_parallel(work, workers)
         else:
             sites = self.analyse(work)
+        self._memo = StepMemo()  # let it go now, while the collector is paused (scan_image)
         sites.sort(key=lambda s: s.rva)
         return _mark_shared(sites)
 
-    def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[CallSite]:
-        sites: list[CallSite] = []
-        for entry, ranges in work:
-            code = FunctionCode(self.image.mem, entry, ranges, self.cs)
-            sites.extend(self._sites_in(code, self._refs_at, self.stubs))
+    def _analyse_in_parallel(self, work: list[tuple[int, tuple[tuple[int, int], ...]]], workers: int) -> list[CallSite]:
+        """Share the functions out: this process takes one part, forked children (which inherit the scanner and
+        the image instead of unpickling them) take the others and send back their sites."""
+        # A first slice here, before forking: what it learns about common instructions (StepMemo) is inherited
+        # by every child instead of being learned again in each.
+        head = max(1, int(len(work) * WARM_UP))
+        warm = self.analyse(work[:head])
+        rest = work[head:]
+        parts = [rest[i::workers] for i in range(workers)]
+        ctx = multiprocessing.get_context("fork")
+        children = []
+        gc.freeze()  # the children's collector leaves the inherited objects (and their pages) alone
+        try:
+            for part in parts[1:]:
+                recv, send = ctx.Pipe(duplex=False)
+                child = ctx.Process(target=_analyse_part, args=(self, part, send), daemon=True)
+                child.start()
+                send.close()
+                children.append((child, recv))
+            sites = warm + self.analyse(parts[0])
+            for child, recv in children:
+                try:
+                    sites.extend(_unpack(t) for t in marshal.loads(recv.recv_bytes()))
+                except EOFError as e:
+                    raise RuntimeError(f"scan worker {child.pid} died (exit code {child.exitcode})") from e
+        finally:
+            for child, recv in children:
+                recv.close()
+                child.join()
+            gc.unfreeze()
         return sites
 
+    def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[CallSite]:
+        sites: list[CallSite] = []
+        mem = self.image.mem
+        for entry, ranges in work:
+            try:
+                upto = self._last_reference(ranges)
+                code = FunctionCode(mem, entry, ranges, self.cs, fast=True, memo=self._memo, upto=upto)
+                found = list(self._sites_in(code, self._refs_at, self.stubs))
+            except DecodeMismatch:
+                # iced-x86 and capstone disagree somewhere in this function: capstone's sweep decides
+                code = FunctionCode(mem, entry, ranges, self.cs)
+                found = list(self._sites_in(code, self._refs_at, self.stubs))
+            sites.extend(found)
+        return sites
+
+    def _last_reference(self, ranges: tuple[tuple[int, int], ...]) -> int | None:
+        """The last IAT reference or stub call in `ranges`: the instructions after it need decoding only as far as
+        they can branch back (`decode.layout`). None where the function loads an IAT slot into a register (every
+        indirect call in it is then a candidate)."""
+        last = None
+        for begin, end in ranges:
+            for rvas in (self._ref_rvas, self._stub_calls):
+                i, j = bisect.bisect_left(rvas, begin), bisect.bisect_left(rvas, end)
+                if i < j:
+                    last = rvas[j - 1] if last is None else max(last, rvas[j - 1])
+            rvas = self._ref_rvas
+            for rva in rvas[bisect.bisect_left(rvas, begin) : bisect.bisect_left(rvas, end)]:
+                if self._refs_at[rva].kind == LOAD:
+                    return None
+        return last
+
+    def _candidates(self, code: FunctionCode, refs_at: dict[int, Ref]) -> tuple[Iterable[int], bool]:
+        """The instructions that can be sites: IAT references, calls/jumps to stubs and, where the function loads an
+        IAT slot into a register, every indirect call/jump; and whether it does."""
+        if not code.fast:
+            has_load = any(refs_at.get(i.rva) is not None and refs_at[i.rva].kind == LOAD for i in code.insns)
+            return range(len(code.starts)), has_load
+        ks: set[int] = set()
+        has_load = False
+        for begin, end in code.ranges:
+            for rvas in (self._ref_rvas, self._stub_calls):
+                for rva in rvas[bisect.bisect_left(rvas, begin) : bisect.bisect_left(rvas, end)]:
+                    k = code.at(rva)
+                    if k is not None:
+                        ks.add(k)
+                        ref = refs_at.get(rva)
+                        if ref is not None and ref.kind == LOAD:
+                            has_load = True
+        if has_load:
+            ks.update(code.register_branches())
+        return sorted(ks), has_load
+
     def _sites_in(self, code: FunctionCode, refs_at: dict[int, Ref], stubs: dict[int, Stub]) -> Iterable[CallSite]:
-        has_load = any(refs_at.get(i.rva) is not None and refs_at[i.rva].kind == LOAD for i in code.insns)
-        for k, insn in enumerate(code.insns):
-            ref = refs_at.get(insn.rva)
-            api: Optional[PoolApi] = None
+        candidates, has_load = self._candidates(code, refs_at)
+        n = len(code.starts)
+        mask = (1 << (8 * self.image.ptr_size)) - 1
+        for k in candidates:
+            # The instruction's text is decoded only where it is read: `[REX] FF 15/25` (an IAT reference of the
+            # instruction's own size) is `call`/`jmp`, and an instruction starting with E8/E9 is `call`/`jmp` rel32.
+            rva, size, raw = code.starts[k], code.sizes[k], code.raw(k)
+            ref = refs_at.get(rva)
+            api: PoolApi | None = None
             call = ""
             notes: list[str] = []
-            if ref is not None and ref.size == insn.size:
+            if ref is not None and ref.size == size:
                 if ref.kind == "call":
                     api, call = self.pool[ref.slot], model.DIRECT
-                    nxt = code.insns[k + 1] if k + 1 < len(code.insns) else None
-                    if insn.raw[:1] == b"\x48" and nxt is not None and nxt.raw == b"\x0f\x1f\x44\x00\x00":
+                    if raw[:1] == b"\x48" and k + 1 < n and code.raw(k + 1) == b"\x0f\x1f\x44\x00\x00":
                         notes.append("import-call-optimisation form (REX.W call + 5-byte NOP)")
+                    yield self._site(code, k, api, call, notes, "call")
                 elif ref.kind == JMP_MEM:
-                    api, call = self.pool[ref.slot], model.TAIL
-                elif ref.kind == LOAD and insn.raw[:1] == b"\x4c" and insn.op_str.startswith("r10,"):
-                    nxt = code.insns[k + 1] if k + 1 < len(code.insns) else None
+                    yield self._site(code, k, self.pool[ref.slot], model.TAIL, notes, "jmp")
+                elif ref.kind == LOAD and raw[:1] == b"\x4c" and code.insn(k).op_str.startswith("r10,"):
+                    nxt = code.insn(k + 1) if k + 1 < n else None
                     if nxt is not None and nxt.mnemonic == "call" and nxt.raw[:1] == b"\xe8":
                         # Reported at the mov, so the site keeps the RVA it has in the file (48 FF 15 + NOP).
                         notes.append("resident import-call-optimisation form (mov r10,[IAT]; call rel32)")
-                        yield self._site(code, k, self.pool[ref.slot], model.DIRECT, notes, span=2)
-                    continue
-            elif insn.mnemonic in ("call", "jmp") and insn.raw[:1] in (b"\xe8", b"\xe9"):
-                target = branch_target(insn)
-                stub = stubs.get(target) if target is not None else None
+                        yield self._site(code, k, self.pool[ref.slot], model.DIRECT, notes, "mov", span=2)
+                continue
+            if raw[:1] in (b"\xe8", b"\xe9"):
+                mnemonic = "call" if raw[0] == 0xE8 else "jmp"
+                target = (rva + 5 + int.from_bytes(raw[1:5], "little", signed=True)) & mask
+                stub = stubs.get(target)
                 if stub is not None:
                     api = stub.api if stub.api is not None else self._stub_register_api(code, k, stub)
-                    call = model.THUNK
                     if not stub.is_plain_thunk:
                         text = "; ".join(f"{i.mnemonic} {i.op_str}".strip() for i in stub.insns)
                         notes.append(f"through the stub at {stub.entry:#x}: {text}")
-                    if insn.mnemonic == "jmp":
-                        notes.append("tail jump to the stub" if not stub.is_plain_thunk else "tail jump to the import thunk")
-            elif has_load and insn.mnemonic in ("call", "jmp"):
+                    if mnemonic == "jmp":
+                        notes.append(
+                            "tail jump to the stub" if not stub.is_plain_thunk else "tail jump to the import thunk"
+                        )
+                    if api is not None:
+                        yield self._site(code, k, api, model.THUNK, notes, mnemonic, target=target)
+                continue
+            if not has_load:
+                continue
+            insn = code.insn(k)
+            if insn.mnemonic in ("call", "jmp"):
                 ops = parse_operands(insn.op_str)
                 if ops and ops[0].kind == "reg" and ops[0].reg is not None:
                     found = code.origins(k, RegLoc(ops[0].reg), self.ctx)
                     names = {o.api for o in found if o.kind == "import"}
                     if len(found) == 1 and len(names) == 1:
                         api = apis.lookup(names.pop() or "")
-                        call = model.REGISTER_CALL
                         if insn.mnemonic == "jmp":
                             notes.append("tail jump through a register")
-            if api is not None:
-                yield self._site(code, k, api, call, notes)
+                        if api is not None:
+                            yield self._site(code, k, api, model.REGISTER_CALL, notes, insn.mnemonic)
 
-    def _stub_register_api(self, code: FunctionCode, k: int, stub: Stub) -> Optional[PoolApi]:
+    def _stub_register_api(self, code: FunctionCode, k: int, stub: Stub) -> PoolApi | None:
         """The routine a `jmp reg` stub reaches: the register followed back through the stub into the caller."""
         ops = parse_operands(stub.insns[-1].op_str)
         if not ops or ops[0].kind != "reg" or ops[0].reg is None:
@@ -199,7 +296,7 @@ class _Scanner:
         """Origins of `loc` (as at the stub's final jump), followed through the stub and then into the caller."""
         found: dict[Origin, None] = {}
         work: list[tuple[int, Loc]] = [(len(stub.insns) - 1, loc)]
-        caller = code.insns[k]
+        caller = code.insn(k)
         while work:
             i, loc = work.pop()
             if i == 0:
@@ -223,40 +320,49 @@ class _Scanner:
         return list(found)
 
     def _site(
-        self, code: FunctionCode, k: int, api: PoolApi, call: str, notes: list[str], span: int = 1
+        self,
+        code: FunctionCode,
+        k: int,
+        api: PoolApi,
+        call: str,
+        notes: list[str],
+        mnemonic: str,
+        span: int = 1,
+        target: int | None = None,
     ) -> CallSite:
-        insn = code.insns[k]
-        raw = b"".join(i.raw for i in code.insns[k : k + span])
+        rva = code.starts[k]
+        raw = b"".join(code.raw(j) for j in range(k, k + span))
         image = self.image
-        target = branch_target(insn) if call == model.THUNK else None
-        stub = self.stubs.get(target) if target is not None else None
+        stub = self.stubs.get(target) if target is not None and call == model.THUNK else None
         if stub is not None and not stub.is_plain_thunk:
-            source = self._tag_source(code, k, api, tail=insn.mnemonic == "jmp", stub=stub)
+            source = self._tag_source(code, k, api, tail=mnemonic == "jmp", stub=stub)
         else:
-            source = self._tag_source(code, k, api, tail=insn.mnemonic == "jmp")
-        sec = image.section_at(insn.rva)
-        return CallSite(
-            rva=insn.rva,
-            size=len(raw),
-            raw=raw,
-            api=api.name,
-            role=api.role,
-            call=call,
-            function_rva=code.entry,
-            function_name=image.exports.get(code.entry),
-            section=sec.name if sec else "?",
-            tag_source=source,
-            pageable=bool(sec and sec.pageable),
-            discardable=bool(sec and sec.discardable),
-            notes=tuple(notes),
+            source = self._tag_source(code, k, api, tail=mnemonic == "jmp")
+        sec = image.section_at(rva)
+        return make(
+            CallSite,
+            rva,
+            len(raw),  # size
+            raw,
+            api.name,
+            api.role,
+            call,
+            code.entry,  # function_rva
+            image.exports.get(code.entry),  # function_name
+            sec.name if sec else "?",  # section
+            source,  # tag_source
+            (),  # shared_with (set by _mark_shared)
+            bool(sec and sec.pageable),
+            bool(sec and sec.discardable),
+            tuple(notes),
         )
 
     def _tag_source(
-        self, code: FunctionCode, k: int, api: PoolApi, tail: bool, stub: Optional[Stub] = None
+        self, code: FunctionCode, k: int, api: PoolApi, tail: bool, stub: Stub | None = None
     ) -> TagSource:
         where = api.tag_location(self.image.arch)
         if where is None:
-            return TagSource(model.NONE, detail=f"{api.name} takes no tag")
+            return _source(model.NONE, detail=f"{api.name} takes no tag")
         loc: Loc
         if isinstance(where, str):
             loc = RegLoc(_X64_REG_OF[where])
@@ -272,8 +378,8 @@ class _Scanner:
         return _classify(code.origins(k, loc, self.ctx), code, self.image)
 
 
-_ACTIVE: Optional[_Scanner] = None
 PARALLEL_MIN_FUNCTIONS = 400
+WARM_UP = 0.06  # share of the functions analysed before the workers are forked
 
 
 def _workers(functions: int) -> int:
@@ -283,38 +389,83 @@ def _workers(functions: int) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _analyse_chunk(work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[CallSite]:
-    # runs in a forked worker: the scanner (and the image) were inherited, not pickled
-    assert _ACTIVE is not None
-    return _ACTIVE.analyse(work)
+def _analyse_part(scanner: _Scanner, work: list[tuple[int, tuple[tuple[int, int], ...]]], send: Connection) -> None:
+    # runs in a forked child: the scanner (and the image) were inherited, not pickled
+    gc.disable()
+    try:
+        send.send_bytes(marshal.dumps([_pack(s) for s in scanner.analyse(work)]))
+    finally:
+        send.close()
+
+
+# Sites cross from a worker as plain tuples (marshal): unpickling dataclasses costs several times more.
+def _pack(s: CallSite) -> tuple[Any, ...]:
+    ts = s.tag_source
+    i = ts.insn
+    src = (ts.kind, ts.value, (i.rva, i.raw, i.text) if i else None, ts.imm_offset, ts.other_sources,
+           ts.param_index, ts.detail)
+    return (s.rva, s.size, s.raw, s.api, s.role, s.call, s.function_rva, s.function_name, s.section, src,
+            s.shared_with, s.pageable, s.discardable, s.notes)
+
+
+def _unpack(t: tuple[Any, ...]) -> CallSite:
+    src = t[9]
+    insn = make(Instruction, *src[2]) if src[2] is not None else None
+    return make(CallSite, *t[:9], _source(src[0], src[1], insn, *src[3:]), *t[10:])
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """A scan allocates millions of short-lived, acyclic objects (freed by reference counting); the cyclic collector
+    would walk the long-lived ones (the image's tables, the caches, the sites found so far) again and again for
+    nothing. It is paused for the scan and runs again afterwards, when the caller next allocates."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _instruction(
-    code: FunctionCode, rva: Optional[int], extra: Optional[dict[int, Insn]] = None
-) -> Optional[Instruction]:
+    code: FunctionCode, rva: int | None, extra: dict[int, Insn] | None = None
+) -> Instruction | None:
     if rva is None:
         return None
     k = code.at(rva)
     if k is not None:
-        ins = code.insns[k]
+        ins = code.insn(k)
     elif extra and rva in extra:
         ins = extra[rva]
     else:
         return None
-    return Instruction(ins.rva, ins.raw, f"{ins.mnemonic} {ins.op_str}".strip())
+    return make(Instruction, ins.rva, ins.raw, f"{ins.mnemonic} {ins.op_str}".strip())
+
+
+def _source(
+    kind: str,
+    value: int | None = None,
+    insn: Instruction | None = None,
+    imm_offset: int | None = None,
+    other_sources: tuple[int, ...] = (),
+    param_index: int | None = None,
+    detail: str = "",
+) -> TagSource:
+    return make(TagSource, kind, value, insn, imm_offset, other_sources, param_index, detail)
 
 
 def _classify(
-    origins: list[Origin], code: FunctionCode, image: Image, extra: Optional[dict[int, Insn]] = None
+    origins: list[Origin], code: FunctionCode, image: Image, extra: dict[int, Insn] | None = None
 ) -> TagSource:
     if not origins:
-        return TagSource(model.COMPUTED, detail="no path reaches the call")
+        return _source(model.COMPUTED, detail="no path reaches the call")
     kinds = {o.kind for o in origins}
     if kinds == {"imm"}:
         values = {o.value for o in origins}
         if len(values) == 1:
             first, *rest = sorted(origins, key=lambda o: o.rva or 0)
-            return TagSource(
+            return _source(
                 model.IMM,
                 value=first.value,
                 insn=_instruction(code, first.rva, extra),
@@ -323,35 +474,37 @@ def _classify(
                 detail=first.detail,
             )
         shown = ", ".join(f"{v:#010x}" for v in sorted(v for v in values if v is not None))
-        return TagSource(model.COMPUTED, detail=f"one of several constants: {shown}")
+        return _source(model.COMPUTED, detail=f"one of several constants: {shown}")
     if len(origins) == 1:
         o = origins[0]
         kind = {"import": model.MEMORY}.get(o.kind, o.kind)
         if kind == model.PARAM:
-            return TagSource(model.PARAM, param_index=o.param, detail=f"argument {o.param} of the function")
-        return TagSource(kind, detail=o.detail or kind)
+            return _source(model.PARAM, param_index=o.param, detail=f"argument {o.param} of the function")
+        return _source(kind, detail=o.detail or kind)
     if kinds == {"param"} and len({o.param for o in origins}) == 1:
-        return TagSource(model.PARAM, param_index=origins[0].param, detail=f"argument {origins[0].param}")
+        return _source(model.PARAM, param_index=origins[0].param, detail=f"argument {origins[0].param}")
     parts = sorted({o.kind for o in origins})
-    return TagSource(model.COMPUTED, detail="different sources meet: " + ", ".join(parts))
+    return _source(model.COMPUTED, detail="different sources meet: " + ", ".join(parts))
 
 
 def _mark_shared(sites: list[CallSite]) -> list[CallSite]:
     by_insn: dict[int, list[int]] = defaultdict(list)
+    fed: list[tuple[int, ...] | None] = []  # per site: the instructions that set its constant tag
     for s in sites:
         ts = s.tag_source
-        if ts.kind == model.IMM and ts.rva is not None and ts.imm_offset is not None:
-            for r in (ts.rva, *ts.other_sources):
+        if ts.kind == model.IMM and ts.insn is not None and ts.imm_offset is not None:
+            rs = (ts.insn.rva, *ts.other_sources)
+            for r in rs:
                 by_insn[r].append(s.rva)
+            fed.append(rs)
+        else:
+            fed.append(None)
     out = []
-    for s in sites:
-        ts = s.tag_source
-        shared: set[int] = set()
-        if ts.kind == model.IMM and ts.rva is not None and ts.imm_offset is not None:
-            for r in (ts.rva, *ts.other_sources):
-                shared.update(x for x in by_insn[r] if x != s.rva)
-        if shared:
-            s = _replace(s, shared_with=tuple(sorted(shared)))
+    for s, feeders in zip(sites, fed):
+        if feeders is not None and any(len(by_insn[r]) > 1 for r in feeders):
+            shared = {x for r in feeders for x in by_insn[r] if x != s.rva}
+            if shared:
+                s = _replace(s, shared_with=tuple(sorted(shared)))
         out.append(s)
     return out
 
@@ -387,12 +540,17 @@ def unexplained(image: Image, sites: list[CallSite], values: Iterable[int]) -> d
 CROSS_CHECK_ALL_BELOW = 4 << 20
 
 
-def scan_image(image: Image, tags: Optional[Iterable[int]] = None) -> DriverScan:
+def scan_image(image: Image, tags: Iterable[int] | None = None) -> DriverScan:
     """All pool call sites of `image`.
 
     `tags` are the values whose bytes are cross-checked against the sites found. Without them every constant
     tag found is cross-checked in drivers of up to 4 MiB; larger ones are cross-checked only for requested tags.
     """
+    with _collector_paused():
+        return _scan(image, tags)
+
+
+def _scan(image: Image, tags: Iterable[int] | None) -> DriverScan:
     scanner = _Scanner(image)
     sites = scanner.run()
     if tags is not None:

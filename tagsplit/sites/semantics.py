@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Union
 
 import capstone
 
@@ -54,20 +54,20 @@ _SIZES = {"byte": 1, "word": 2, "dword": 4, "qword": 8, "tbyte": 10, "xmmword": 
 @dataclass(frozen=True)
 class Mem:
     size: int  # 0 when the text gives none (lea)
-    base: Optional[str]  # register family, "rip", or None
-    index: Optional[str]
+    base: str | None  # register family, "rip", or None
+    index: str | None
     scale: int
     disp: int
-    segment: Optional[str]
+    segment: str | None
 
 
 @dataclass(frozen=True)
 class Op:
     kind: str  # "reg" | "imm" | "mem"
-    reg: Optional[str] = None
+    reg: str | None = None
     width: int = 0
     value: int = 0
-    mem: Optional[Mem] = None
+    mem: Mem | None = None
 
 
 _MEM_RE = re.compile(r"^(?:(\w+) ptr )?(?:(\ws):)?\[(.*)\]$")
@@ -125,18 +125,17 @@ def parse_operands(op_str: str) -> tuple[Op, ...]:
 # --- locations and origins -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RegLoc:
+# Locations are named tuples (not dataclasses): the backward walk hashes them in every step, and a tuple hashes in C.
+# No two kinds can compare equal: a RegLoc holds a str, a StackLoc an int, a FrameLoc two fields.
+class RegLoc(NamedTuple):
     reg: str
 
 
-@dataclass(frozen=True)
-class StackLoc:
+class StackLoc(NamedTuple):
     offset: int  # from the stack pointer at the current point of the walk
 
 
-@dataclass(frozen=True)
-class FrameLoc:
+class FrameLoc(NamedTuple):
     """A slot addressed through a frame register ([rbp-4]); turned into a StackLoc where the frame is set up."""
 
     base: str
@@ -146,14 +145,15 @@ class FrameLoc:
 Loc = Union[RegLoc, StackLoc, FrameLoc]
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(NamedTuple):
+    """Where a value comes from (a named tuple, for the same reason as the locations)."""
+
     kind: str  # imm | param | memory | computed | register | stack | import
-    value: Optional[int] = None
-    rva: Optional[int] = None  # instruction that defines it
-    imm_offset: Optional[int] = None
-    param: Optional[int] = None
-    api: Optional[str] = None  # kind import: the IAT slot's routine
+    value: int | None = None
+    rva: int | None = None  # instruction that defines it
+    imm_offset: int | None = None
+    param: int | None = None
+    api: str | None = None  # kind import: the IAT slot's routine
     detail: str = ""
 
 
@@ -174,9 +174,9 @@ class Context:
         self,
         arch: str,
         image_base: int,
-        import_at: Callable[[int], Optional[str]],
-        call_pop: Callable[[Insn], Optional[int]],
-        stub_body: Optional[Callable[[int], Optional[tuple[tuple[Insn, ...], int]]]] = None,
+        import_at: Callable[[int], str | None],
+        call_pop: Callable[[Insn], int | None],
+        stub_body: Callable[[int], tuple[tuple[Insn, ...], int] | None] | None = None,
     ) -> None:
         self.arch = arch
         self.ptr = 8 if arch == "x64" else 4
@@ -196,32 +196,48 @@ Step = Union[Loc, Origin, "Fork"]
 class Fork:
     """A conditional move: the value is either the old one or the source, depending on flags."""
 
-    steps: tuple[Union[Loc, Origin], ...]
+    steps: tuple[Loc | Origin, ...]
+
 
 _NO_EFFECT = frozenset(
-    """cmp test bt jmp ret retn retf nop int3 lfence mfence sfence pause endbr64 endbr32 clc stc cld std cmc
-    prefetch prefetchw prefetcht0 prefetcht1 prefetcht2 prefetchnta clflush ud2 hlt int wait fwait sti cli
-    ucomiss ucomisd comiss comisd ptest vptest invlpg wbinvd""".split()
+    [
+        "cmp", "test", "bt", "jmp", "ret", "retn", "retf", "nop", "int3", "lfence", "mfence", "sfence", "pause",
+        "endbr64", "endbr32", "clc", "stc", "cld", "std", "cmc", "prefetch", "prefetchw", "prefetcht0",
+        "prefetcht1", "prefetcht2", "prefetchnta", "clflush", "ud2", "hlt", "int", "wait", "fwait", "sti", "cli",
+        "ucomiss", "ucomisd", "comiss", "comisd", "ptest", "vptest", "invlpg", "wbinvd",
+    ]
 )
 _ARITH = frozenset(
-    """add sub and or xor adc sbb shl shr sar sal rol ror rcl rcr neg not inc dec imul bsf bsr popcnt lzcnt tzcnt
-    andn bswap shld shrd bts btr btc movzx movsx sete setne setb setae setbe seta setl setge setle setg sets setns
-    seto setno setp setnp blsr blsi blsmsk bzhi pdep pext sarx shlx shrx rorx xadd""".split()
+    [
+        "add", "sub", "and", "or", "xor", "adc", "sbb", "shl", "shr", "sar", "sal", "rol", "ror", "rcl", "rcr",
+        "neg", "not", "inc", "dec", "imul", "bsf", "bsr", "popcnt", "lzcnt", "tzcnt", "andn", "bswap", "shld",
+        "shrd", "bts", "btr", "btc", "movzx", "movsx", "sete", "setne", "setb", "setae", "setbe", "seta", "setl",
+        "setge", "setle", "setg", "sets", "setns", "seto", "setno", "setp", "setnp", "blsr", "blsi", "blsmsk",
+        "bzhi", "pdep", "pext", "sarx", "shlx", "shrx", "rorx", "xadd",
+    ]
 )
 _KNOWN_SIMPLE = frozenset(
-    """mov movabs movsxd movzx movsx lea xchg add sub and or xor adc sbb shl shr sar sal rol ror neg not inc dec
-    test cmp bt bts btr btc bsf bsr popcnt lzcnt tzcnt bswap""".split()
-    + [f"cmov{c}" for c in "e ne b ae be a l ge le g s ns o no p np".split()]
-    + [f"set{c}" for c in "e ne b ae be a l ge le g s ns o no p np".split()]
+    [
+        "mov", "movabs", "movsxd", "movzx", "movsx", "lea", "xchg", "add", "sub", "and", "or", "xor", "adc", "sbb",
+        "shl", "shr", "sar", "sal", "rol", "ror", "neg", "not", "inc", "dec", "test", "cmp", "bt", "bts", "btr",
+        "btc", "bsf", "bsr", "popcnt", "lzcnt", "tzcnt", "bswap",
+    ]
+    + [f"cmov{c}" for c in ["e", "ne", "b", "ae", "be", "a", "l", "ge", "le", "g", "s", "ns", "o", "no", "p", "np"]]
+    + [f"set{c}" for c in ["e", "ne", "b", "ae", "be", "a", "l", "ge", "le", "g", "s", "ns", "o", "no", "p", "np"]]
 )
-_JCC = frozenset("jo jno jb jae je jne jbe ja js jns jp jnp jl jge jle jg jcxz jecxz jrcxz loop loope loopne".split())
+_JCC = frozenset(
+    [
+        "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns", "jp", "jnp", "jl", "jge", "jle", "jg",
+        "jcxz", "jecxz", "jrcxz", "loop", "loope", "loopne",
+    ]
+)
 
 
 def _width_full(width: int) -> bool:
     return width >= 32
 
 
-def _stack_disp(mem: Mem, ctx: Context) -> Optional[int]:
+def _stack_disp(mem: Mem, ctx: Context) -> int | None:
     """The offset from the stack pointer of a [rsp+d] operand, or None."""
     if mem.base == SP and mem.index is None and mem.segment is None:
         return mem.disp
@@ -277,12 +293,17 @@ def _source(insn: Insn, op: Op, ctx: Context, loc_width_ok: bool = True) -> Step
     return Origin("computed", rva=insn.rva, detail=f"`{insn.mnemonic} {insn.op_str}`")
 
 
+_PASSIVE = _NO_EFFECT | _JCC | _KNOWN_SIMPLE
+
 # Mnemonics whose effect on a location is not visible in their operand text (implicit registers, the stack).
 _IMPLICIT = frozenset(
-    """push pop call lcall leave enter pushfq pushfd popfq popfd pushal pushad popal popad pushf popf mul imul div
-    idiv cdq cqo cwd cdqe cwde cbw cpuid rdtsc rdtscp rdmsr xgetbv lodsb lodsw lodsd lodsq stosb stosw stosd stosq
-    movsb movsw movsd movsq scasb scasd cmpsb cmpsd syscall lahf in xlatb cmpxchg cmpxchg8b cmpxchg16b loop
-    loope loopne rdpmc rdrand rdseed""".split()
+    [
+        "push", "pop", "call", "lcall", "leave", "enter", "pushfq", "pushfd", "popfq", "popfd", "pushal", "pushad",
+        "popal", "popad", "pushf", "popf", "mul", "imul", "div", "idiv", "cdq", "cqo", "cwd", "cdqe", "cwde", "cbw",
+        "cpuid", "rdtsc", "rdtscp", "rdmsr", "xgetbv", "lodsb", "lodsw", "lodsd", "lodsq", "stosb", "stosw",
+        "stosd", "stosq", "movsb", "movsw", "movsd", "movsq", "scasb", "scasd", "cmpsb", "cmpsd", "syscall", "lahf",
+        "in", "xlatb", "cmpxchg", "cmpxchg8b", "cmpxchg16b", "loop", "loope", "loopne", "rdpmc", "rdrand", "rdseed",
+    ]
 )
 _FAMILY_NAMES = {fam: names for fam, names in _FAMILIES.items()}
 for _i in range(8, 16):
@@ -296,12 +317,14 @@ def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
     if mn not in _IMPLICIT and not mn.startswith(("rep", "lock")):
         ops_text = insn.op_str
         if isinstance(loc, RegLoc):
-            if not any(n in ops_text for n in _FAMILY_NAMES.get(loc.reg, (loc.reg,))) and "sp" not in ops_text:
-                if mn in _NO_EFFECT or mn in _JCC or mn in _KNOWN_SIMPLE:
-                    return loc
-        elif isinstance(loc, StackLoc):
-            if "sp" not in ops_text and (mn in _NO_EFFECT or mn in _JCC or mn in _KNOWN_SIMPLE):
+            if (
+                not any(n in ops_text for n in _FAMILY_NAMES.get(loc.reg, (loc.reg,)))
+                and "sp" not in ops_text
+                and (mn in _NO_EFFECT or mn in _JCC or mn in _KNOWN_SIMPLE)
+            ):
                 return loc
+        elif isinstance(loc, StackLoc) and "sp" not in ops_text and mn in _PASSIVE:
+            return loc
     if mn.startswith("rep ") or mn.startswith("repne ") or mn.startswith("repe "):
         return _fallback(insn, loc, ctx)
     if mn.startswith("lock "):
@@ -397,10 +420,10 @@ def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
         if _writes_loc(ops[0], loc, ctx):
             if isinstance(loc, RegLoc) and not _width_full(ops[0].width):
                 return Origin("computed", rva=insn.rva, detail=f"`{mn} {insn.op_str}`")
-            src = _source(insn, ops[1], ctx)
-            if isinstance(src, Fork):
+            came = _source(insn, ops[1], ctx)
+            if isinstance(came, Fork):
                 return Origin("computed", rva=insn.rva)
-            return Fork((loc, src))
+            return Fork((loc, came))
         return loc
     if mn in _ARITH:
         if not ops:
@@ -438,8 +461,8 @@ def _call(insn: Insn, loc: Loc, ctx: Context) -> Step:
     if found is not None:
         # a call into a stub (tagsplit's own, with instructions moved out of the caller): follow the location back
         # through the routine's return (x86: it pops its arguments) and the stub's instructions
-        body, pop = found
-        inner: Loc = StackLoc(loc.offset + pop + ctx.ptr) if isinstance(loc, StackLoc) else loc
+        body, popped = found
+        inner: Loc = StackLoc(loc.offset + popped + ctx.ptr) if isinstance(loc, StackLoc) else loc
         for stub_insn in reversed(body):
             res = step_back(stub_insn, inner, ctx)
             if isinstance(res, Origin):
@@ -515,7 +538,7 @@ def is_branch(mnemonic: str) -> bool:
     return mnemonic in _JCC or mnemonic == "jmp"
 
 
-def branch_target(insn: Insn) -> Optional[int]:
+def branch_target(insn: Insn) -> int | None:
     """The RVA a direct branch or call goes to (lite mode prints it as the operand), else None."""
     s = insn.op_str
     if s.startswith("0x") and " " not in s:

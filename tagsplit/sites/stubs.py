@@ -9,32 +9,43 @@ through the stub and on into the caller.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
 
-import capstone
-
-from ..apis import PoolApi
-from ..image import Image
 from .refs import JMP_MEM, LOAD, Ref, after_padding, direct_branches_to
 from .semantics import Insn, branch_target
+
+if TYPE_CHECKING:
+    import capstone
+
+    from ..apis import PoolApi
+    from ..image import Image
 
 WINDOW = 48  # how far before its final jump a stub may start
 MAX_INSNS = 12
 _PIC = re.compile(rb"\xe8\x00\x00\x00\x00[\x58-\x5f]", re.S)
-_JMP_REG = {
-    "x64": re.compile(rb"(?:[\x40-\x4f])?\xff[\xe0-\xe7]", re.S),
-    "x86": re.compile(rb"\xff[\xe0-\xe7]", re.S),
-}
+# `jmp reg` (FF E0+r), on x64 optionally behind a REX prefix. The search looks for the opcode byte (a literal, found
+# at memchr speed) and takes a REX byte just before it into the match, as `(?:[\x40-\x4f])?\xff[\xe0-\xe7]` would.
+_JMP_REG = re.compile(rb"\xff[\xe0-\xe7]", re.S)
+
+
+def jmp_reg_starts(mem: bytes, begin: int, end: int, x64: bool) -> list[int]:
+    """Where `jmp reg` (with a REX prefix on x64 when there is one) starts in [begin, end)."""
+    out = []
+    for m in _JMP_REG.finditer(mem, begin, end):
+        start = m.start()
+        if x64 and start - 1 >= begin and 0x40 <= mem[start - 1] <= 0x4F:
+            start -= 1
+        out.append(start)
+    return out
 
 
 @dataclass(frozen=True)
 class Stub:
     entry: int
     insns: tuple[Insn, ...]  # straight-line; the last one jumps on
-    api: Optional[PoolApi]  # None: `jmp reg`, resolved per caller
-    via_thunk: Optional[int] = None  # the stub ends in `jmp thunk`
+    api: PoolApi | None  # None: `jmp reg`, resolved per caller
+    via_thunk: int | None = None  # the stub ends in `jmp thunk`
     ends_in_call: bool = False  # `call [..]; ret N` (a stub that calls the routine itself) instead of a jump
 
     @property
@@ -51,7 +62,7 @@ def find_stubs(
     image: Image, refs: list[Ref], pool: dict[int, PoolApi], cs: capstone.Cs
 ) -> tuple[dict[int, Stub], dict[int, list[tuple[int, bool]]], set[int]]:
     """Stubs by entry RVA, their callers (RVA, is_call) by entry, and unused plain thunks (RVA)."""
-    tails: dict[int, Optional[PoolApi]] = {}
+    tails: dict[int, PoolApi | None] = {}
     for r in refs:
         if r.kind == JMP_MEM and _outside_functions(image, r.rva) and r.rva not in image.exports:
             tails[r.rva] = pool[r.slot]
@@ -59,6 +70,7 @@ def find_stubs(
             pass  # a load inside a stub is picked up when the stub's `jmp reg` is
     mem = image.mem
     calls_at: set[int] = set()
+    x64 = image.arch == "x64"
     for sec in image.code_sections():
         # position-independent x86 stubs (tagsplit's own): call $+5; pop reg; ...; jmp/call [reg + disp32]
         for m in _PIC.finditer(mem, sec.rva, sec.end):
@@ -68,9 +80,9 @@ def find_stubs(
                 tails[tail] = api
                 if is_call:
                     calls_at.add(tail)
-        for m in _JMP_REG[image.arch].finditer(mem, sec.rva, sec.end):
-            if _outside_functions(image, m.start()) or image.arch == "x86":
-                tails.setdefault(m.start(), None)
+        for start in jmp_reg_starts(mem, sec.rva, sec.end, x64):
+            if not x64 or _outside_functions(image, start):
+                tails.setdefault(start, None)
     if not tails:
         return {}, {}, set()
     window = {t - d: t for t in tails for d in range(WINDOW + 1) if t - d >= 0}
@@ -98,8 +110,8 @@ def find_stubs(
 
 
 def _decode(
-    image: Image, entry: int, tails: dict[int, Optional[PoolApi]], cs: capstone.Cs, calls_at: set[int]
-) -> Optional[Stub]:
+    image: Image, entry: int, tails: dict[int, PoolApi | None], cs: capstone.Cs, calls_at: set[int]
+) -> Stub | None:
     out: list[Insn] = []
     mem = image.mem
     for addr, size, mn, ops in cs.disasm_lite(mem[entry : entry + WINDOW + 24], entry):
@@ -120,7 +132,7 @@ def _decode(
     return None
 
 
-def _decode_to_thunk(image: Image, entry: int, plain: dict[int, Stub], cs: capstone.Cs) -> Optional[Stub]:
+def _decode_to_thunk(image: Image, entry: int, plain: dict[int, Stub], cs: capstone.Cs) -> Stub | None:
     out: list[Insn] = []
     mem = image.mem
     for addr, size, mn, ops in cs.disasm_lite(mem[entry : entry + WINDOW + 16], entry):
@@ -136,7 +148,7 @@ def _decode_to_thunk(image: Image, entry: int, plain: dict[int, Stub], cs: capst
     return None
 
 
-def _pic_tail(mem: bytes, at: int, pool: dict[int, PoolApi], cs: capstone.Cs) -> Optional[tuple[int, PoolApi, bool]]:
+def _pic_tail(mem: bytes, at: int, pool: dict[int, PoolApi], cs: capstone.Cs) -> tuple[int, PoolApi, bool] | None:
     """For `call $+5; pop reg` at `at`: the later `jmp/call [reg + disp]` that reaches a pool routine's IAT slot."""
     from .semantics import REG, parse_operands
 

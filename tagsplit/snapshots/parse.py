@@ -1,6 +1,6 @@
 """Parsers for WinDbg `!poolused` / `!poolfind` output and PoolMon tables (windows-facts.md section 2).
 
-All functions are pure: text in, frozen dataclasses out. Every line must be either data or a known kind of noise
+All functions are pure: text in, frozen records out (model.py). Every line must be either data or a known kind of noise
 (prompts, progress dots, the kd cache preamble, headers, blank lines); anything else raises DebuggerOutputError
 naming the 1-based line number and the line, so a format change never turns into silently missing rows.
 
@@ -15,27 +15,43 @@ Layouts handled:
 - PoolMon: `poolmon /n` snapshot files (poolsnap.log; several snapshots appended to one file are separate tables) and
   the interactive display with its "( n)" change columns and the optional Mapped_Driver column.
 
-Speed: logs reach 200,000 lines. Each region between two header lines is matched with one multiline `findall`
-whose alternatives are the data line and the noise lines; the number of matches is compared with the number of
-lines, so an unknown line costs nothing until it is found, and only then are lines looked at one by one. Objects
-are built column by column (`model.bulk_new`).
+Speed: logs reach 200,000 lines, and parsing must keep up with reading them (benchmarks/bench_report.py: at least
+a third of the speed of splitting every line into words). No Python code runs per line, and the data are worked
+through in pieces of about 64K characters, so that what is made for a piece is still in the CPU caches when it is
+used (`_pieces`).
+- Fast paths, for the layouts WinDbg prints (`_poolfind_fast`, `_poolused_fast`). One `Pattern.split` of a piece,
+  with a loose pattern of whole data lines, gives the captured fields flat ([gap, field 1, ..., field n, gap, ...]);
+  a column is a slice of that list with a step. The gaps hold the other lines; nearly all are the same few strings
+  (a newline, a blank line, a header), and each distinct one is checked once to be made of noise lines and to hold
+  no data line that the loose pattern missed. `!poolfind` lines are an address and a tail that repeats (sizes and
+  tags do): each distinct tail is read once with the full groups, and the addresses of a piece are converted by one
+  `bytes.fromhex`. The numbers of a `!poolused` piece are split into words in one go and converted by `int`. A fast path
+  reads only lines that the full patterns read the same way; on anything else it gives up (returns None) and the
+  full path reads the region: tests/test_snapshot_parsers.py compares the two on mutated logs.
+- Full paths: per region, one `Pattern.split` or `findall` with the full patterns, columns converted with `map`.
+  When a line is neither data nor noise, the region is scanned again line by line (`_scan`) to name it.
+- The records are tuples (model.py), made in one C loop with the cyclic garbage collector paused.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+from array import array
 from datetime import datetime
 from functools import cache
 from itertools import repeat
-from operator import add, itemgetter
-from typing import TYPE_CHECKING, Any
+from operator import add, itemgetter, truth
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import DebuggerOutputError, UsageError
 from . import model
-from .model import PoolBlock, PoolTotals, PoolUsedTable, Snapshot, TagUsage, bulk_new, gc_paused
+from .model import PoolBlock, PoolTotals, PoolUsedTable, Snapshot, TagUsage, from_rows, gc_paused, records
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator, Sequence
+
+_V = TypeVar("_V")
 
 # --------------------------------------------------------------------------------------------------------------------
 # Noise: lines that carry no data. Each entry matches a whole line.
@@ -109,6 +125,27 @@ _FIND_NEW = _line_pattern(_NEW, *_NOISE_FIND)
 _FIND_BOTH = _line_pattern(_CLASSIC, _NEW, *_NOISE_FIND)
 _FIND_HEADER = re.compile(_POOLFIND_HEADER + "$", re.MULTILINE)
 _FIND_ANY_ROW = re.compile("^(?:" + _CLASSIC + "|" + _NEW + ")$", re.MULTILINE)
+# For `_split_rows`: the data lines alone (the other lines must match _FIND_NOISE).
+_FIND_CLASSIC_ROW = re.compile("^(?:" + _CLASSIC + ")$", re.MULTILINE)
+_FIND_NEW_ROW = re.compile("^(?:" + _NEW + ")$", re.MULTILINE)
+# The fast path (`_poolfind_fast`) reads the layout WinDbg prints: an address of 8 or 16 digits (or 8`8), single
+# blanks but in the padding, no '*' marker, nothing after the tag or the pool word. Its lines are matched loosely as
+# address + tail, and the distinct tails are then matched in full with the other groups of _CLASSIC / _NEW. The
+# narrow layout is a special case of the full one, read the same way: each narrow part takes what the full part takes
+# first.
+_FIND_FAST_ADDR = r"(.{16}|.{8}`.{8}|.{8})"  # checked to be hex digits by _hex_words (`.` is cheaper to match)
+_FIND_CLASSIC_LINE = re.compile("^" + _FIND_FAST_ADDR + "( size: .*)$", re.MULTILINE)
+_FIND_NEW_LINE = re.compile("^" + _FIND_FAST_ADDR + "( : tag .*)$", re.MULTILINE)
+# Groups: size, previous size, 'A' (Allocated) or None (Free), tag, ' (Protected)' or ''.
+_FIND_CLASSIC_TAIL = re.compile(
+    r"^(?: size: +([0-9a-fA-F]+) previous size: +([0-9a-fA-F]+)  "
+    r"\((?:(A)llocated\) |Free\)      )(.{4})( \(Protected\)|))$",
+    re.MULTILINE,
+)
+# Groups: tag, size, pool word.
+_FIND_NEW_TAIL = re.compile(r"^(?: : tag (.{4}), size +(0x[0-9a-fA-F]+|0), ([A-Za-z]+) pool)$", re.MULTILINE)
+_FIND_FIRST_ROW = re.compile("previous size:| : tag ")
+_FIND_NOISE = _line_pattern(*_NOISE_FIND)
 
 _PU_HEADER = re.compile(_POOLUSED_HEADER + "$", re.MULTILINE)
 _PU_NOISE = _line_pattern(*_NOISE_COMMON, *_NOISE_POOLUSED)
@@ -145,11 +182,12 @@ def _error(what: str, text: str, pos: int, reason: str = "cannot parse") -> Debu
     return DebuggerOutputError(f"{what} line {_line_no(text, start)}: {reason}: {text[start:end]!r}")
 
 
-def _header_lines(text: str, needle: str, pattern: re.Pattern[str]) -> list[re.Match[str]]:
-    """Matches of a header `pattern` on the lines that contain `needle` (str.find is far cheaper than a scan)."""
+def _header_lines(text: str, needle: str, pattern: re.Pattern[str], limit: int = -1) -> list[re.Match[str]]:
+    """Matches of a header `pattern` on the lines that contain `needle` (str.find is far cheaper than a scan); the
+    first `limit` only if `limit` is not negative."""
     found: list[re.Match[str]] = []
     pos = text.find(needle)
-    while pos >= 0:
+    while pos >= 0 and len(found) != limit:
         start, end = _line_at(text, pos)
         match = pattern.match(text, start, end)
         if match:
@@ -194,6 +232,61 @@ def _after_line(text: str, match: re.Match[str]) -> int:
     return len(text) + 1 if end < 0 else end + 1
 
 
+_PIECE = 1 << 16  # characters
+
+
+def _pieces(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """[start, end) cut at line ends into pieces of about _PIECE characters (`start` is a line start).
+
+    The fast paths work piece by piece: the strings and lists made for a piece fit the CPU caches and are freed
+    before the next piece, which is faster than holding a million short strings for the whole log.
+    """
+    while start < end:
+        cut = text.find("\n", start + _PIECE, end)
+        cut = end if cut < 0 else cut + 1
+        yield start, cut
+        start = cut
+
+
+def _split_rows(
+    row: re.Pattern[str],
+    noise: re.Pattern[str],
+    text: str,
+    start: int,
+    end: int,
+    not_noise: re.Pattern[str] | None = None,
+) -> list[Any] | None:
+    """`row.split` of the lines in [start, end): [gap, group 1, ..., group n, gap, ...] with one group run per line
+    that `row` (a pattern of whole lines) matches. None unless every other line, all of which are in the gaps,
+    matches `noise` (a `_line_pattern`) and none matches `not_noise` (the full data pattern when `row` is a narrow
+    version of it: a data line that `row` misses must not pass as noise).
+
+    `start` is a line start. A gap runs from the end of one matched line (before its newline) to the start of the
+    next, so it splits at its newlines into the skipped lines and two empty pieces, which pass as blank lines.
+    """
+    parts: list[Any] = row.split(text[start:end])  # str, or None for a group that did not take part
+    for gap in set(parts[:: row.groups + 1]):
+        if not_noise is not None and not_noise.search(gap):
+            return None
+        if len(noise.findall(gap)) != gap.count("\n") + 1:
+            return None
+    return parts
+
+
+def _converted(column: Sequence[str], convert: Callable[[str], _V]) -> Iterator[_V]:
+    """`map(convert, column)` for a column with few distinct values: `convert` runs once per distinct value."""
+    table = {value: convert(value) for value in set(column)}
+    return map(table.__getitem__, column)
+
+
+def _hex(value: str) -> int:
+    return int(value, 16)
+
+
+def _pad_tag(tag: str) -> str:
+    return tag.ljust(4)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # !poolfind
 
@@ -225,50 +318,148 @@ def parse_poolfind(text: str) -> list[PoolBlock]:
 
 
 def _poolfind_region(text: str, start: int, end: int, pool: str) -> list[PoolBlock]:
+    first = _FIND_FIRST_ROW.search(text, start, end)
+    if first is not None:
+        blocks = _poolfind_fast(text, start, end, pool, new=first.group() == " : tag ")
+        if blocks is not None:
+            return blocks
+    return _poolfind_full(text, start, end, pool)
+
+
+def _poolfind_fast(text: str, start: int, end: int, pool: str, new: bool) -> list[PoolBlock] | None:
+    """The blocks of a region in one line format and the narrow layout; None if it is not so."""
+    line = _FIND_NEW_LINE if new else _FIND_CLASSIC_LINE
+    fields: dict[str, tuple[Any, ...]] = {}  # line tail -> the PoolBlock fields after the address
+    blocks: list[PoolBlock] = []
+    for lo, hi in _pieces(text, start, end):
+        parts = _split_rows(line, _FIND_NOISE, text, lo, hi, _FIND_ANY_ROW)
+        if parts is None:
+            return None
+        tails = parts[2::3]
+        rest = list(map(fields.get, tails))
+        if None in rest:  # new tails (most are in the first pieces)
+            fresh = list(set(tails).difference(fields))
+            if not (_add_new_tails if new else _add_classic_tails)(fields, fresh, pool):
+                return None
+            rest = list(map(fields.__getitem__, tails))
+        addresses = _hex_words(parts[1::3])
+        if addresses is None:
+            return None
+        blocks += from_rows(PoolBlock, map(add, zip(addresses), rest))
+    return blocks
+
+
+def _add_classic_tails(fields: dict[str, tuple[Any, ...]], tails: list[str], pool: str) -> bool:
+    """Enter the PoolBlock fields after the address (size, tag, pool, allocated, protected, previous_size) of each
+    of the distinct classic line `tails` in `fields` (a log has few distinct tails: they repeat sizes and tags);
+    False if one is not a narrow tail."""
+    parts = _FIND_CLASSIC_TAIL.split("\n".join(tails))
+    if len(parts) != 6 * len(tails) + 1:
+        return False
+    size, previous, state, tag, protected = (parts[i::6] for i in range(1, 6))
+    rest = zip(
+        map(int, size, repeat(16)),
+        tag,
+        repeat(pool),
+        map(truth, state),
+        map(truth, protected),
+        map(int, previous, repeat(16)),
+    )
+    fields.update(zip(tails, rest))
+    return True
+
+
+def _add_new_tails(fields: dict[str, tuple[Any, ...]], tails: list[str], pool: str) -> bool:
+    """As _add_classic_tails, for new-format line tails (which name their pool: `pool` is not used)."""
+    parts = _FIND_NEW_TAIL.split("\n".join(tails))
+    if len(parts) != 4 * len(tails) + 1:
+        return False
+    tag, size, pool_word = (parts[i::4] for i in range(1, 4))
+    rest = zip(
+        map(int, size, repeat(16)),
+        tag,
+        map(str.lower, pool_word),
+        repeat(True),
+        repeat(False),
+        repeat(None),
+    )
+    fields.update(zip(tails, rest))
+    return True
+
+
+def _hex_words(column: list[str]) -> list[int] | None:
+    """`int(a, 16)` for each address of `column` if all are 16 hex digits (a backtick may follow the 8th) or all are
+    8; else None.
+
+    `bytes.fromhex` of all the digits, cut into machine words by `array`: much faster than an `int` per address.
+    """
+    count = len(column)
+    digits = "".join(column)
+    ticked = "`" in digits
+    if ticked:
+        digits = digits.replace("`", "")
+    for size, code in _WORDS if not ticked else _WORDS[:1]:  # without backticks each has 8 or 16 digits
+        if len(digits) == 2 * size * count:
+            try:
+                raw = bytes.fromhex(digits)
+            except ValueError:
+                return None
+            if len(raw) != size * count:  # fromhex skips white space
+                return None
+            words = array(code, raw)
+            if sys.byteorder == "little":
+                words.byteswap()
+            return words.tolist()
+    return None
+
+
+# Bytes per address and the unsigned array type of that size.
+_WORDS = [(size, code) for size, code in ((8, "Q"), (4, "I")) if array(code).itemsize == size]
+
+
+def _poolfind_full(text: str, start: int, end: int, pool: str) -> list[PoolBlock]:
+    """The blocks of a region, any layout the patterns allow."""
     what = "!poolfind output"
     classic = text.find("previous size:", start, end) >= 0
     new = text.find(" : tag ", start, end) >= 0
     if classic and new:
         return _poolfind_mixed(_scan(_FIND_BOTH, text, start, end, what), pool)
-    rows = list(filter(_first, _scan(_FIND_NEW if new else _FIND_CLASSIC, text, start, end, what)))
-    if not rows:
+    parts = _split_rows(_FIND_NEW_ROW if new else _FIND_CLASSIC_ROW, _FIND_NOISE, text, start, end)
+    if parts is None:  # a line that is neither: name it
+        _scan(_FIND_NEW if new else _FIND_CLASSIC, text, start, end, what)
+        raise DebuggerOutputError(f"{what}: lines {_line_no(text, start)}-{_line_no(text, end)} were not all read")
+    if len(parts) == 1:
         return []
-    count = len(rows)
+    ticked = text.find("`", start, end) >= 0
     if new:
-        address, tag, size, pool_word = zip(*rows)
-        return bulk_new(
+        # Groups: address, tag, size, pool word.
+        return records(
             PoolBlock,
-            count,
-            {
-                "address": map(int, _unticked(address, text, start, end), repeat(16)),
-                "size": map(int, size, repeat(16)),
-                "tag": tag,
-                "pool": map(str.lower, pool_word),
-                "allocated": repeat(True, count),
-                "protected": repeat(False, count),
-                "previous_size": repeat(None, count),
-            },
+            _addresses(parts[1::5], ticked),
+            _converted(parts[3::5], _hex),
+            parts[2::5],
+            _converted(parts[4::5], str.lower),
+            repeat(True),
+            repeat(False),
+            repeat(None),
         )
-    address, size, previous, state, tag, protected = zip(*rows)
-    return bulk_new(
+    # Groups: address, size, previous size, 'A' (Allocated) or None (Free), tag, ' (Protected)' or ''.
+    return records(
         PoolBlock,
-        count,
-        {
-            "address": map(int, _unticked(address, text, start, end), repeat(16)),
-            "size": map(int, size, repeat(16)),
-            "tag": map(str.ljust, tag, repeat(4)),
-            "pool": repeat(pool, count),
-            "allocated": map(bool, state),
-            "protected": map(bool, protected),
-            "previous_size": map(int, previous, repeat(16)),
-        },
+        _addresses(parts[1::7], ticked),
+        _converted(parts[2::7], _hex),
+        _converted(parts[5::7], _pad_tag),
+        repeat(pool),
+        map(truth, parts[4::7]),
+        map(truth, parts[6::7]),
+        _converted(parts[3::7], _hex),
     )
 
 
-def _unticked(column: tuple[str, ...], text: str, start: int, end: int) -> tuple[str, ...]:
-    if text.find("`", start, end) < 0:
-        return column
-    return tuple(a.replace("`", "") for a in column)
+def _addresses(column: Sequence[str], ticked: bool) -> Iterator[int]:
+    if ticked:
+        return map(int, map(str.replace, column, repeat("`"), repeat("")), repeat(16))
+    return map(int, column, repeat(16))
 
 
 def _poolfind_mixed(rows: list[tuple[str, ...]], pool: str) -> list[PoolBlock]:
@@ -299,14 +490,49 @@ def _poolfind_mixed(rows: list[tuple[str, ...]], pool: str) -> list[PoolBlock]:
 # !poolused
 
 
+def _poolused_row(tag_column: int, columns: int) -> str:
+    # Groups: tag, the numbers but the last (one group each), the blanks before the last number, the last number, the
+    # rest of the line (TAB + description in the newer layout, the description glued to the number in the old one, or
+    # blanks).
+    number = r"[ \t]+(-?\d+)"
+    return " " * tag_column + r"(.{4})" + number * (columns - 1) + r"([ \t]+)(-?\d+)((?:\t|[ ]*(?=[^\s\d])).*|[ \t]*)"
+
+
+def _poolused_total_row(columns: int) -> str:
+    return r" ?TOTAL" + r"[ \t]+-?\d+" * columns + r"[ \t]*"
+
+
 @cache
 def _poolused_pattern(tag_column: int, columns: int) -> re.Pattern[str]:
-    # Groups: tag, the numbers but the last, the blanks before the last number, the last number, the rest of the line
-    # (TAB + description in the newer layout, the description glued to the number in the old one, or blanks).
-    number = r"[ \t]+(-?\d+)"
-    row = " " * tag_column + r"(.{4})" + number * (columns - 1) + r"([ \t]+)(-?\d+)((?:\t|[ ]*(?=[^\s\d])).*|[ \t]*)"
-    total = r" ?TOTAL" + r"[ \t]+-?\d+" * columns + r"[ \t]*"
-    return _line_pattern(row, total, *_NOISE_COMMON, *_NOISE_POOLUSED)
+    return _line_pattern(
+        _poolused_row(tag_column, columns), _poolused_total_row(columns), *_NOISE_COMMON, *_NOISE_POOLUSED
+    )
+
+
+@cache
+def _poolused_fast_patterns(
+    tag_column: int, columns: int, width: int
+) -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """The `_split_rows` patterns of `_poolused_fast`: the narrow row, the other lines (TOTAL and noise), the full row.
+
+    The narrow row is the tag, a blank, the numbers up to the first TAB, and the description. `_poolused_fast` checks
+    that the numbers are `columns` numbers separated by blanks (checking the runs of a whole piece at once is cheaper
+    than matching a character class); the row ends them with a digit.
+    Such a line is a row of the full pattern with blanks for `[ \\t]` and ASCII digits for `\\d`, read the same way:
+    blanks and digits alternate, and the rest of the line starts at the TAB. The look-behinds refuse a last number
+    that `_unglue` could cut (more than one blank before it and, with them, longer than `width`) and a last number of
+    `width` characters or more. A line that only the full row matches (it may match a noise pattern too: a tag can
+    be 'kd> '; a row without a description has no TAB) must not pass as noise.
+    Groups of the narrow row: tag, the numbers, the description (not stripped).
+    """
+    cut = "|".join(" " * blanks + "[0-9-]" * (width + 1 - blanks) + r"\t" for blanks in range(2, width + 1))
+    # `[^\t]*` is the fastest loop (it may run on into the next line: such a run is refused for its newline).
+    row = " " * tag_column + r"(.{4})( [^\t]*)\t(?<=[0-9]\t)(?<![0-9-]{" + str(width) + r"}\t)(?<!" + cut + r")(.*)"
+    return (
+        re.compile("^(?:" + row + ")$", re.MULTILINE),
+        _line_pattern(_poolused_total_row(columns), *_NOISE_COMMON, *_NOISE_POOLUSED),
+        re.compile("^(?:" + _poolused_row(tag_column, columns) + ")$", re.MULTILINE),
+    )
 
 
 @cache
@@ -322,17 +548,26 @@ def parse_poolused_tables(text: str) -> list[PoolUsedTable]:
             TOTAL rows in one table.
     """
     text = _normalize(text)
-    headers = _header_lines(text, "Allocs", _PU_HEADER)
-    if not headers:
+    first = _header_lines(text, "Allocs", _PU_HEADER, limit=1)
+    if not first:
         raise DebuggerOutputError("!poolused output: no column header line (' Tag    Allocs     Used ...') found")
     tables = []
     with gc_paused():
+        # Nearly always there is one table: read it to the end of the text the fast way, which saves looking for
+        # more header lines through the whole text. Another header line makes the fast way give up.
+        _scan(_PU_NOISE, text, 0, first[0].start(), "!poolused output")
+        table = _poolused_table(text, first[0], len(text), _poolused_sort(text, 0, first[0].start()), fast_only=True)
+        if table is not None:
+            return [table]
+        headers = _header_lines(text, "Allocs", _PU_HEADER)
         previous_end = 0
         for start, end, header in _regions(text, headers):
             if header is None:
                 _scan(_PU_NOISE, text, start, end, "!poolused output")
                 continue
-            tables.append(_poolused_table(text, header, end, _poolused_sort(text, previous_end, start)))
+            table = _poolused_table(text, header, end, _poolused_sort(text, previous_end, start))
+            assert table is not None
+            tables.append(table)
             previous_end = header.end()
     return tables
 
@@ -344,10 +579,11 @@ def parse_poolused(text: str) -> list[TagUsage]:
     Raises:
         DebuggerOutputError: as parse_poolused_tables, or more than one table in `text`.
     """
-    tables = parse_poolused_tables(text)
-    if len(tables) != 1:
-        raise DebuggerOutputError(f"!poolused output: {len(tables)} tables in one text; use parse_poolused_tables")
-    return list(tables[0].usages)
+    with gc_paused():  # also while copying the rows (a list the collector would scan with them)
+        tables = parse_poolused_tables(text)
+        if len(tables) != 1:
+            raise DebuggerOutputError(f"!poolused output: {len(tables)} tables in one text; use parse_poolused_tables")
+        return list(tables[0].usages)
 
 
 def _poolused_sort(text: str, lo: int, hi: int) -> str | None:
@@ -362,68 +598,123 @@ def _poolused_sort(text: str, lo: int, hi: int) -> str | None:
     return _SORTS.get(words, words)
 
 
-def _poolused_table(text: str, header: re.Match[str], end: int, sort: str | None) -> PoolUsedTable:
-    what = "!poolused output"
+def _poolused_table(
+    text: str, header: re.Match[str], end: int, sort: str | None, fast_only: bool = False
+) -> PoolUsedTable | None:
+    """The table under `header` up to `end`; None if `fast_only` and `_poolused_fast` cannot read it."""
     verbose = "Frees" in header.group("verbose")
     columns = 8 if verbose else 4
     tag_column = len(header.group(1))
     ends = [m.end() for m in re.finditer(r"\S+", header.group(0))]
     last_width = ends[-1] - ends[-2]
     start = _after_line(text, header)
-    rows = list(filter(_first, _scan(_poolused_pattern(tag_column, columns), text, start, end, what)))
+    fast = _poolused_fast(text, start, end, tag_column, columns, last_width)
+    if fast is None and fast_only:
+        return None
+    if fast is not None and len(fast[1]) <= 1:
+        usages, totals = fast
+        total = _totals(_total_pattern(columns).fullmatch(totals[0]), columns) if totals else None
+    else:  # two TOTAL rows are an error: _poolused_total finds the second one's line number
+        usages = fast[0] if fast else _poolused_full(text, start, end, tag_column, columns, last_width)
+        total = _poolused_total(text, start, end, columns)
+    return PoolUsedTable(sort, verbose, tuple(usages), total)
+
+
+def _usages(tag: Iterable[str], numbers: Sequence[Iterable[int]], description: Iterable[str]) -> list[TagUsage]:
+    """TagUsage records from columns: tags, the numbers of a row in printed order (4 or 8 columns), descriptions."""
+    counters: list[Iterable[int | None]]
+    if len(numbers) == 8:
+        np_allocs, np_frees, np_outstanding, np_bytes, p_allocs, p_frees, p_outstanding, p_bytes = numbers
+        counters = [np_allocs, np_frees, p_allocs, p_frees]
+    else:
+        np_outstanding, np_bytes, p_outstanding, p_bytes = numbers
+        counters = [repeat(None)] * 4
+    return records(TagUsage, tag, np_outstanding, np_bytes, p_outstanding, p_bytes, *counters, description)
+
+
+# White space that bytes.split() splits at besides blanks (a run holds no TAB), and what int() takes besides -?[0-9]+.
+_NOT_IN_RUNS = (b"\n", b"\r", b"\v", b"\f", b"+", b"_")
+
+
+def _poolused_fast(
+    text: str, start: int, end: int, tag_column: int, columns: int, width: int
+) -> tuple[list[TagUsage], list[str]] | None:
+    """The rows of a table body [start, end) if all are in the narrow layout, and its TOTAL lines; else None.
+
+    The numbers of a piece are read in one go: the runs joined with '|' between rows, as bytes (faster to split and to
+    convert), are split into words at blanks (no other white space, '+' or '_' may be there), which must give
+    `columns` words then '|' for every row, and `int` must take every word: then each is `-?[0-9]+`.
+    """
+    row, other, full_row = _poolused_fast_patterns(tag_column, columns, width)
+    total = _total_pattern(columns)
     usages: list[TagUsage] = []
-    if rows:
-        cols = list(zip(*rows))
-        tag, numbers, gap, last, rest = cols[0], cols[1:columns], cols[columns], cols[columns + 1], cols[columns + 2]
-        last, rest = _unglue(gap, last, rest, last_width)
-        count = len(tag)
-        ints = [map(int, col) for col in (*numbers, last)]
-        fields: dict[str, Iterable[Any]]
-        if verbose:
-            fields = dict(
-                zip(
-                    (
-                        "nonpaged_allocs",
-                        "nonpaged_frees",
-                        "nonpaged_outstanding",
-                        "nonpaged_bytes",
-                        "paged_allocs",
-                        "paged_frees",
-                        "paged_outstanding",
-                        "paged_bytes",
-                    ),
-                    ints,
-                )
-            )
-        else:
-            fields = dict(zip(("nonpaged_outstanding", "nonpaged_bytes", "paged_outstanding", "paged_bytes"), ints))
-            for name in ("nonpaged_allocs", "nonpaged_frees", "paged_allocs", "paged_frees"):
-                fields[name] = repeat(None, count)
-        fields.update(tag=tag, description=map(str.strip, rest))
-        usages = bulk_new(TagUsage, count, fields)
-    return PoolUsedTable(sort, verbose, tuple(usages), _poolused_total(text, start, end, columns))
+    totals: list[str] = []
+    for lo, hi in _pieces(text, start, end):
+        parts = _split_rows(row, other, text, lo, hi, full_row)
+        if parts is None:
+            return None
+        gaps = parts[::4]  # the other lines: a TOTAL row can only be there
+        for gap in set(gaps):
+            if "TOTAL" in gap:
+                totals += [line for line in gap.split("\n") if total.fullmatch(line)] * gaps.count(gap)
+        count = len(parts) // 4
+        if not count:
+            continue
+        runs = " | ".join(parts[2::4]).encode()  # bytes: split and int are faster on them
+        if any(space in runs for space in _NOT_IN_RUNS):
+            return None
+        words = runs.split()
+        if len(words) != count * (columns + 1) - 1 or words[columns :: columns + 1].count(b"|") != count - 1:
+            return None
+        del words[columns :: columns + 1]
+        try:
+            flat = list(map(int, words))
+        except ValueError:
+            return None
+        usages += _usages(parts[1::4], [flat[i::columns] for i in range(columns)], map(str.strip, parts[3::4]))
+    return usages, totals
+
+
+def _poolused_full(text: str, start: int, end: int, tag_column: int, columns: int, width: int) -> list[TagUsage]:
+    """The rows of a table body [start, end), any layout the full patterns allow.
+
+    Raises:
+        DebuggerOutputError: a line that is not a row, TOTAL or noise.
+    """
+    rows = list(filter(_first, _scan(_poolused_pattern(tag_column, columns), text, start, end, "!poolused output")))
+    if not rows:
+        return []
+    cols = list(zip(*rows))
+    gap, printed = cols[columns], cols[columns + 1]
+    last, rest = _unglue(list(map(add, map(len, gap), map(len, printed))), printed, cols[columns + 2], width)
+    return _usages(cols[0], [map(int, column) for column in (*cols[1:columns], last)], map(str.strip, rest))
 
 
 def _unglue(
-    gap: tuple[str, ...], last: tuple[str, ...], rest: tuple[str, ...], width: int
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    spans: list[int], last: Sequence[str], rest: Sequence[str], width: int
+) -> tuple[Sequence[str], Sequence[str]]:
     """Split digits that belong to a description glued to the last number (old layout: "        01394 OHCI ...").
 
-    The last column is right-aligned in `width` characters (taken from the header). A number that fits has blanks
-    before it and ends exactly there; digits beyond that start the description. A number that overflows its column
-    has a single blank before it and is kept whole.
+    `spans[i]` is the length of the blanks before row i's last number plus the number. The last column is
+    right-aligned in `width` characters (taken from the header). A number that fits has blanks before it and ends
+    exactly there; digits beyond that start the description. A number that overflows its column has a single blank
+    before it and is kept whole, and so is one whose cut would leave a lone '-'.
     """
-    if max(map(add, map(len, gap), map(len, last)), default=0) <= width:  # C loops; true unless a row overflows
+    if max(spans, default=0) <= width:  # true unless a row overflows
         return last, rest
-    bad = [i for i, (g, n) in enumerate(zip(gap, last)) if len(g) > 1 and len(g) + len(n) > width > len(g)]
+    bad = [
+        i
+        for i, (span, n) in enumerate(zip(spans, last))
+        if span - len(n) > 1 and span > width > span - len(n) and n[: width - (span - len(n))] != "-"
+    ]
     if not bad:
         return last, rest
     last_list, rest_list = list(last), list(rest)
     for i in bad:
-        keep = width - len(gap[i])
+        keep = width - (spans[i] - len(last[i]))
         rest_list[i] = last_list[i][keep:] + rest_list[i]
         last_list[i] = last_list[i][:keep]
-    return tuple(last_list), tuple(rest_list)
+    return last_list, rest_list
 
 
 def _poolused_total(text: str, start: int, end: int, columns: int) -> PoolTotals | None:
@@ -436,13 +727,17 @@ def _poolused_total(text: str, start: int, end: int, columns: int) -> PoolTotals
         if match:
             if found is not None:
                 raise _error("!poolused output", text, line_start, "a second TOTAL row in one table")
-            n = list(map(int, match.groups()))
-            if columns == 8:
-                found = PoolTotals(n[2], n[3], n[6], n[7], n[0], n[1], n[4], n[5])
-            else:
-                found = PoolTotals(n[0], n[1], n[2], n[3], None, None, None, None)
+            found = _totals(match, columns)
         pos = text.find("TOTAL", line_end, end)
     return found
+
+
+def _totals(match: re.Match[str] | None, columns: int) -> PoolTotals:
+    assert match is not None
+    n = list(map(int, match.groups()))
+    if columns == 8:
+        return PoolTotals(n[2], n[3], n[6], n[7], n[0], n[1], n[4], n[5])
+    return PoolTotals(n[0], n[1], n[2], n[3], None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import pefile
 
 from ..errors import InputError, TargetReadError, TargetWriteError
-from ..image import Image
+from . import apply as _apply
+
+if TYPE_CHECKING:
+    from ..image import Image
+
+
+def atomic_write(out: Path, data: bytes) -> Path:
+    """Replace `out` with `data`: a temporary file in the same folder, written in full and fsynced, then renamed
+    over `out`. A crash or an error at any point leaves `out` as it was or as `data`, never half-written.
+
+    Raises:
+        InputError: the folder is missing or not writable, or the write failed (the temporary file is removed).
+    """
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: no such folder")
+    try:
+        _apply.fault_point("output: before creating the temporary file")
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=str(out.parent))
+    except OSError as e:
+        raise InputError(f"{out}: cannot write there: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            _apply.fault_point("output: temporary file half written")
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        _apply.fault_point("output: temporary file written, not yet renamed")
+        Path(tmp).replace(out)
+        _apply.fault_point("output: renamed")
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise InputError(f"{out}: cannot write: {e.strerror or e}") from e
+    _apply.sync_folder(out.parent)
+    return out
 
 
 class PatchedFile:
@@ -30,7 +68,7 @@ class PatchedFile:
         self.buf = bytearray(data)
 
     @classmethod
-    def open(cls, image: Image, path: Optional[str | Path] = None) -> PatchedFile:
+    def open(cls, image: Image, path: str | Path | None = None) -> PatchedFile:
         p = Path(path or image.path)
         try:
             return cls(image, p.read_bytes())
@@ -68,34 +106,20 @@ class PatchedFile:
         pe_off = struct.unpack_from("<I", self.buf, 0x3C)[0]
         at = pe_off + 24 + 64
         cur = bytes(self.buf[at : at + 4])
-        pe = pefile.PE(data=bytes(self.buf), fast_load=True)
-        try:
-            value = pe.generate_checksum()
-        finally:
-            pe.close()
+        # not pe.close(): for a PE made from bytes it only forces a full gc.collect()
+        value = pefile.PE(data=bytes(self.buf), fast_load=True).generate_checksum()
         return at, cur, struct.pack("<I", value)
 
-    def commit(self, out: str | Path) -> Path:
+    def commit(self, out: str | Path, *, in_place: bool = False) -> Path:
+        """Write the patched buffer to `out` atomically (see `atomic_write`).
+
+        `in_place` allows `out` to be the file the image was read from (revert of a patched file); otherwise writing
+        over the input driver is refused.
+        """
         out = Path(out)
-        src = Path(self.image.path).resolve()
-        if out.resolve() == src:
+        if not in_place and out.resolve() == Path(self.image.path).resolve():
             raise InputError(f"{out}: refusing to overwrite the input driver; choose another output file")
-        if not out.parent.is_dir():
-            raise InputError(f"{out.parent}: no such folder")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=str(out.parent))
-        except OSError as e:
-            raise InputError(f"{out}: cannot write there: {e.strerror or e}") from e
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.buf)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise InputError(f"{out}: cannot write: {e.strerror or e}") from e
-        return out
+        return atomic_write(out, bytes(self.buf))
 
 
 class ExistingFile(PatchedFile):
