@@ -164,6 +164,31 @@ def _alone(job: _Job) -> _Result:
         pool.shutdown(wait=True)
 
 
+def _scan_chunk(jobs: list[_Job]) -> list[_Result]:
+    return [_scan_job(job) for job in jobs]
+
+
+CHUNK_BYTES = 8 << 20  # files are sent to the workers in runs of up to 8 MiB or 32 files: one round trip each
+CHUNK_FILES = 32
+
+
+def _chunks(jobs: list[_Job]) -> list[tuple[int, int]]:
+    """Consecutive [start, end) runs of jobs, by file size (unreadable files count as empty)."""
+    import contextlib
+
+    out: list[tuple[int, int]] = []
+    start = size = 0
+    for i, job in enumerate(jobs):
+        with contextlib.suppress(OSError):
+            size += Path(job[0]).stat().st_size
+        if size >= CHUNK_BYTES or i + 1 - start >= CHUNK_FILES:
+            out.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(jobs):
+        out.append((start, len(jobs)))
+    return out
+
+
 def _run_jobs(jobs: list[_Job], workers: int, on_result: Callable[[int, _Result], None]) -> None:
     """Run every job in `workers` processes (in this one if workers == 1); `on_result` gets each result in job
     order."""
@@ -173,32 +198,34 @@ def _run_jobs(jobs: list[_Job], workers: int, on_result: Callable[[int, _Result]
         for i, job in enumerate(jobs):
             on_result(i, _scan_job(job))
         return
+    chunks = _chunks(jobs)
     pool = _pool(workers)
     futures: dict[int, Any] = {}
-    ready: dict[int, _Result] = {}
+    ready: dict[int, list[_Result]] = {}
     submitted = done = 0
     try:
-        while done < len(jobs):
-            while submitted < len(jobs) and len(futures) < 4 * workers:
-                futures[submitted] = pool.submit(_scan_job, jobs[submitted])
+        while done < len(chunks):
+            while submitted < len(chunks) and len(futures) < 64 * workers:  # keep every worker busy
+                a, b = chunks[submitted]
+                futures[submitted] = pool.submit(_scan_chunk, jobs[a:b])
                 submitted += 1
-            if done in ready:
-                on_result(done, ready.pop(done))
-                done += 1
-                continue
-            try:
-                result: _Result = futures[done].result()
-            except BrokenProcessPool:
-                # A worker died (segfault, OOM kill). Every unfinished job is re-run alone, which pins the file.
-                pool.shutdown(wait=False, cancel_futures=True)
-                for i, f in sorted(futures.items()):
-                    ok = f.done() and not f.cancelled() and f.exception() is None
-                    ready[i] = f.result() if ok else _alone(jobs[i])
-                futures.clear()
-                pool = _pool(workers)
-                continue
-            del futures[done]
-            on_result(done, result)
+            if done not in ready:
+                try:
+                    ready[done] = futures[done].result()
+                except BrokenProcessPool:
+                    # A worker died (segfault, OOM kill). Every unfinished job is re-run alone, which pins the file.
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for i, f in sorted(futures.items()):
+                        ok = f.done() and not f.cancelled() and f.exception() is None
+                        a, b = chunks[i]
+                        ready[i] = f.result() if ok else [_alone(job) for job in jobs[a:b]]
+                    futures.clear()
+                    pool = _pool(workers)
+                    continue
+                del futures[done]
+            a, _ = chunks[done]
+            for k, result in enumerate(ready.pop(done)):
+                on_result(a + k, result)
             done += 1
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

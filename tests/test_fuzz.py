@@ -32,16 +32,7 @@ from tagsplit.errors import PlanError, TagsplitError  # noqa: E402
 from tagsplit.plan import model as pm  # noqa: E402
 
 # Regression inputs that still fail, in files outside this change (tagsplit/sites/*, tagsplit/snapshots/*).
-KNOWN_BUGS = {
-    "poolused/25080b4cfc0f4189.txt": (
-        "tagsplit/snapshots/parse.py `_poolused_full`: a '-1' (or '-') in a number column reaches int() lazily "
-        "inside snapshots/model.py `from_rows` and raises ValueError instead of DebuggerOutputError"
-    ),
-    "snapshot/d5a0fd4ed543dd91.txt": (
-        "the same bug reached through parse_snapshot (detect_format picks !poolused): int('-') in snapshots/model.py "
-        "`from_rows` raises ValueError instead of DebuggerOutputError"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}  # both lone "-" inputs were fixed in snapshots/parse.py
 
 SEED = int(os.environ.get("TAGSPLIT_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("TAGSPLIT_FUZZ_SCALE", "1"))

@@ -211,12 +211,12 @@ def apply(
     doc = _journal_doc(plan, target, base, entries, journal)
     doc.update(journal_fields or {})
     if not pending:
+        if commit is not None:
+            commit()  # before the journal: it never says `applied` of an output that is not there
         if not journal.exists():
             doc["state"] = "applied"
             doc["note"] = "every patch was already in place; originals taken from the plan"
             write_journal(journal, doc)
-        if commit is not None:
-            commit()
         return Outcome(0, len(patches), journal)
     write_journal(journal, doc)  # before the first write: a crash from here on can always be reverted
     written: list[tuple[Patch, bytes]] = []
