@@ -541,7 +541,7 @@ def save(target: str, data: bytes) -> Path:
 
 
 def _atheris_child(target: str, seconds: int, save_findings: bool) -> None:
-    import atheris
+    import atheris  # type: ignore[import-untyped,unused-ignore]
 
     known = known_signatures(target)
     seen: set[str] = set()
