@@ -7,13 +7,16 @@ import json
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import __version__, tags
 from .errors import InputError, TagsplitError, UsageError
-from .image import load
-from .sites import DriverScan, scan_image
-from .sites.render import document, render_text
+
+if TYPE_CHECKING:
+    from .sites import DriverScan
+
+# The disassemblers and assemblers (capstone, iced-x86, keystone, unicorn) are imported by the commands that use
+# them, not here: `tagsplit --help` and every worker of a folder scan would pay for them otherwise.
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE = DATA / "sample_x64.sys"
@@ -119,6 +122,8 @@ def _scan_job(job: _Job) -> _Result:
             ranges = code_file_ranges(data)
             if ranges is not None and not _holds_tag_in(data, ranges, wanted):
                 return ("skip", None)  # cannot pass the tag, and its headers are sane (else parse says what is wrong)
+        from .sites import scan_image
+
         return ("scan", scan_image(parse(data, path), set(wanted) if wanted is not None else None))
     except TagsplitError as e:
         return ("error", str(e))
@@ -273,6 +278,8 @@ def _scan_folder(files: list[Path], wanted: set[int] | None) -> tuple[list[Drive
     # The byte prefilter is exact for printable tags: their bytes cannot come from a sign-extended imm8.
     prefilter = frozen is not None and all(tags.printable(v) for v in frozen)
     jobs: list[_Job] = [(str(f), frozen, prefilter) for f in files]
+    from .sites import DriverScan
+
     scans: list[DriverScan] = []
     errors: list[dict[str, str]] = []
     progress = _Progress(len(jobs))
@@ -294,6 +301,11 @@ def _scan_folder(files: list[Path], wanted: set[int] | None) -> tuple[list[Drive
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    # imported before a folder scan forks its workers, so they start with the scanner loaded
+    from .image import load
+    from .sites import scan_image
+    from .sites.render import document, render_text
+
     wanted = {t & ~tags.PROTECTED_POOL for t in args.tag} if args.tag else None
     scans: list[DriverScan] = []
     errors: list[dict[str, str]] = []
@@ -379,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(func=cmd_scan)
 
     from . import commands
-    from .plan.make import SPLITS
+    from .plan.model import SPLITS
 
     plan = sub.add_parser(
         "plan",
@@ -484,7 +496,7 @@ APPLY_EPILOG = textwrap.dedent(
 )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -163,8 +163,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _checksum_patch(plan: Plan, image: Image, data: bytes) -> Patch:
-    from .emu.verify import patched_file_bytes
-    from .targets.file import PatchedFile
+    from .targets.file import PatchedFile, patched_file_bytes
 
     final = PatchedFile(image, patched_file_bytes(plan, image, data))
     at, _, new = final.checksum_field()

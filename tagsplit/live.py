@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from .errors import PlanError, TagsplitError, TargetReadError, UsageError
 from .plan.model import CODE, Patch, Plan, load
 from .targets.apply import Outcome, apply, read_journal, revert
-from .targets.pykd import _import_pykd, PykdTarget
+from .targets.pykd import PykdTarget, _import_pykd
 
 ORIGINAL = "original"
 APPLIED = "applied"

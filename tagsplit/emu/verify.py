@@ -24,6 +24,7 @@ from ..sites import model as sm
 from ..sites.flow import FunctionCode
 from ..sites.model import CallSite
 from ..sites.scan import scan_image
+from ..targets.file import patched_file_bytes
 from .machine import BASE, Call, Machine, Stop
 from .mapping import map_image
 
@@ -45,22 +46,6 @@ class Observed:
     tag: int | None
     after_sp: int
     after_ax: int
-
-
-def patched_file_bytes(plan: Plan, image: Image, data: bytes) -> bytes:
-    """The driver file with every patch of the plan applied (file-only ones included) and a fresh checksum."""
-    from ..targets.file import PatchedFile
-
-    pf = PatchedFile(image, data)
-    base = pf.module_base()
-    for p in plan.patches():
-        cur = pf.read(base + p.rva, len(p.original))
-        if cur != p.original:
-            raise PlanError(f"{image.name}: bytes at {p.rva:#x} are not the plan's original (another build?)")
-        pf.write(base + p.rva, p.replacement)
-    at, _, new = pf.checksum_field()
-    pf.buf[at : at + 4] = new
-    return bytes(pf.buf)
 
 
 def _tag_slot(api: apis.PoolApi, arch: str) -> tuple[str, int] | None:

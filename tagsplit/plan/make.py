@@ -29,13 +29,12 @@ from ..sites.wrappers import PARAM as PARAM_WRAPPER
 from . import model
 from .asm import assemble, disassemble, retag
 from .caves import Cave, CaveSpace, find_caves
-from .model import FILE_ONLY, Driver, Patch, Plan, SitePlan
+from .model import FILE_ONLY, SPLITS, Driver, Patch, Plan, SitePlan
 from .newtags import Avoid, pick, prefix_of
 
 if TYPE_CHECKING:
     from ..image import Image
 
-SPLITS = ("shared", "untagged", "frees", "wrappers")
 _NOP = {1: b"\x90", 2: b"\x66\x90", 7: b"\x0f\x1f\x80\x00\x00\x00\x00"}
 _ICO_NOP = b"\x0f\x1f\x44\x00\x00"
 _REG32 = {"r8": "r8d", "rdx": "edx", "r9": "r9d", "rcx": "ecx"}

@@ -23,6 +23,7 @@ STUB = "stub"  # the call redirected through a stub that sets the new tag
 FREE_ZERO = "free-zero"  # a free site's tag argument set to 0 (no tag check on free)
 REFUSED = "refused"
 STRATEGIES = (IMM, STUB, FREE_ZERO, REFUSED)
+SPLITS = ("shared", "untagged", "frees", "wrappers")  # what `plan --split` may take
 
 CODE = "code"  # applies to resident memory and to the file
 FILE_ONLY = "file"  # applies only to a patched file (e.g. a base-relocation entry neutralised)

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import pefile
 
-from ..errors import InputError, TargetReadError, TargetWriteError
+from ..errors import InputError, PlanError, TargetReadError, TargetWriteError
 from . import apply as _apply
 
 if TYPE_CHECKING:
     from ..image import Image
+    from ..plan.model import Plan
 
 
 def atomic_write(out: Path, data: bytes) -> Path:
@@ -128,3 +129,17 @@ class ExistingFile(PatchedFile):
     def __init__(self, image: Image, data: bytes, path: Path) -> None:
         super().__init__(image, data)
         self.path = path
+
+
+def patched_file_bytes(plan: Plan, image: Image, data: bytes) -> bytes:
+    """The driver file with every patch of the plan applied (file-only ones included) and a fresh checksum."""
+    pf = PatchedFile(image, data)
+    base = pf.module_base()
+    for p in plan.patches():
+        cur = pf.read(base + p.rva, len(p.original))
+        if cur != p.original:
+            raise PlanError(f"{image.name}: bytes at {p.rva:#x} are not the plan's original (another build?)")
+        pf.write(base + p.rva, p.replacement)
+    at, _, new = pf.checksum_field()
+    pf.buf[at : at + 4] = new
+    return bytes(pf.buf)
