@@ -8,14 +8,17 @@ memory image of a loaded driver (`.writemem`), which is already in RVA layout an
 
 from __future__ import annotations
 
+import array
 import bisect
 import hashlib
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pefile
 
@@ -73,12 +76,48 @@ class Section:
         return self.name.upper().startswith("PAGE")
 
 
-@dataclass(frozen=True)
-class Function:
-    """A function as one or more [begin, end) RVA ranges (x64 chained unwind entries give several)."""
+class Function(NamedTuple):
+    """A function as one or more [begin, end) RVA ranges (x64 chained unwind entries give several).
+
+    A named tuple rather than a dataclass: a large driver has hundreds of thousands of them, all made at load.
+    """
 
     rva: int
     ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class FunctionTable:
+    """The functions of `.pdata` as sorted, disjoint [begin, end) ranges, each with the entry of its function.
+
+    Kept as columns, not objects: a large driver has hundreds of thousands of functions and a scan looks up a few
+    thousand of them. `Function` objects are made on demand.
+    """
+
+    begins: list[int]
+    ends: list[int]
+    roots: list[int]  # the entry RVA of the function each range belongs to (itself unless chained)
+    chained: dict[int, tuple[tuple[int, int], ...]]  # entry -> all its ranges, for functions of several ranges
+
+    def at(self, rva: int) -> Function | None:
+        i = bisect.bisect_right(self.begins, rva) - 1
+        if i < 0 or rva >= self.ends[i]:
+            return None
+        root = self.roots[i]
+        ranges = self.chained.get(root)
+        return Function(root, ranges if ranges is not None else ((self.begins[i], self.ends[i]),))
+
+    def __len__(self) -> int:
+        return len(self.begins)
+
+    def all(self) -> tuple[Function, ...]:
+        """Every function, by entry RVA."""
+        out = {r: Function(r, ((b, e),)) for b, e, r in zip(self.begins, self.ends, self.roots)}
+        out.update((r, Function(r, rs)) for r, rs in self.chained.items())
+        return tuple(out[r] for r in sorted(out))
+
+
+NO_FUNCTIONS = FunctionTable([], [], [], {})
 
 
 @dataclass(frozen=True)
@@ -106,7 +145,7 @@ class Image:
     sections: tuple[Section, ...]
     imports: dict[int, Import] = field(repr=False)  # IAT slot RVA -> import
     exports: dict[int, str] = field(repr=False)  # RVA -> name
-    functions: tuple[Function, ...] = field(repr=False)  # x64: from .pdata; x86: empty
+    function_table: FunctionTable = field(repr=False)  # x64: from .pdata; x86: empty
     relocations: tuple[int, ...] = field(repr=False)  # sorted RVAs of relocated fields
     relocation_sizes: tuple[int, ...] = field(repr=False)
     relocation_entries: tuple[int, ...] = field(repr=False)  # RVA of each relocation's 2-byte .reloc entry
@@ -162,22 +201,12 @@ class Image:
 
     def function_at(self, rva: int) -> Function | None:
         """The .pdata function containing rva (x64 only)."""
-        i = bisect.bisect_right(self._range_starts, rva) - 1
-        if i >= 0 and rva < self._range_ends[i]:
-            return self._range_owner[i]
-        return None
+        return self.function_table.at(rva)
 
-    def __post_init__(self) -> None:
-        rows = sorted((b, e, f.rva) for f in self.functions for b, e in f.ranges)
-        by_rva = {f.rva: f for f in self.functions}
-        # frozen: the lookup index is derived data, set once here
-        object.__setattr__(self, "_range_starts", [r[0] for r in rows])
-        object.__setattr__(self, "_range_ends", [r[1] for r in rows])
-        object.__setattr__(self, "_range_owner", [by_rva[r[2]] for r in rows])
-
-    _range_starts: list[int] = field(init=False, repr=False, default_factory=list)
-    _range_ends: list[int] = field(init=False, repr=False, default_factory=list)
-    _range_owner: list[Function] = field(init=False, repr=False, default_factory=list)
+    @cached_property
+    def functions(self) -> tuple[Function, ...]:
+        """Every .pdata function, by entry RVA (x64; empty on x86)."""
+        return self.function_table.all()
 
 
 def load(
@@ -408,7 +437,7 @@ def _build(
             "no import names in the memory image (INIT discarded?); give the driver file with --imports-from"
         )
     exports = _exports(pe, size_of_image)
-    functions = _pdata(mem, dirs[3], path, size_of_image, warnings) if arch == "x64" and len(dirs) > 3 else ()
+    functions = _pdata(mem, dirs[3], path, size_of_image, warnings) if arch == "x64" and len(dirs) > 3 else NO_FUNCTIONS
     relocs, reloc_sizes, reloc_entries = (
         _relocations(mem, dirs[5], size_of_image, warnings) if len(dirs) > 5 else ((), (), ())
     )
@@ -431,7 +460,7 @@ def _build(
         sections=sections,
         imports=imports,
         exports=exports,
-        functions=functions,
+        function_table=functions,
         relocations=relocs,
         relocation_sizes=reloc_sizes,
         relocation_entries=reloc_entries,
@@ -497,9 +526,9 @@ def _exports(pe: pefile.PE, size: int) -> dict[int, str]:
     return out
 
 
-def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list[str]) -> tuple[Function, ...]:
+def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list[str]) -> FunctionTable:
     if not d.VirtualAddress or not d.Size:
-        return ()
+        return NO_FUNCTIONS
     start, length = d.VirtualAddress, d.Size - d.Size % 12
     if start + length > size:
         warnings.append(".pdata extends past the image; truncated")
@@ -508,24 +537,40 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
     if length // 12 > cap:
         warnings.append(f".pdata has {length // 12} entries; only the first {cap} are read")
         length = 12 * cap
-    entries = list(struct.iter_unpack("<III", mem[start : start + length]))
-    valid = sorted(ent for ent in entries if 0 < ent[0] < ent[1] <= size)
+    words = array.array("I", mem[start : start + length])
+    if sys.byteorder != "little":
+        words.byteswap()
+    entries = list(zip(words[0::3], words[1::3], words[2::3]))
+    valid = [ent for ent in entries if 0 < ent[0] < ent[1] <= size]
     bad = len(entries) - len(valid)
+    valid.sort()  # (already sorted in any sane .pdata: then this is one linear pass)
     # .pdata is sorted and its ranges are disjoint (RtlLookupFunctionEntry searches it): an entry overlapping an
     # earlier one is corrupt, and 100,000 copies of one range would make the scanner disassemble it 100,000 times.
     kept: list[tuple[int, int, int]] = []
+    last_end = 0
     for ent in valid:
-        if kept and ent[0] < kept[-1][1]:
-            continue
-        kept.append(ent)
-    overlapping = len(valid) - len(kept)
+        if ent[0] >= last_end:
+            kept.append(ent)
+            last_end = ent[1]
+    if bad:
+        warnings.append(f"{bad} .pdata entries out of range were ignored")
+    if len(valid) > len(kept):
+        warnings.append(f"{len(valid) - len(kept)} .pdata entries overlapping others were ignored")
+    begins = [b for b, _, _ in kept]
+    ends = [e for _, e, _ in kept]
+    roots = begins[:]
+    chain = UNW_FLAG_CHAININFO << 3
+    # A chained entry describes a fragment of another function (its UNWIND_INFO's flags say so): follow the chain
+    # to the primary entry.
+    fragments = [i for i, (_, _, u) in enumerate(kept) if 0 < u < size - 4 and mem[u] & chain]
+    if not fragments:
+        return FunctionTable(begins, ends, roots, {})
     by_begin = {b: (b, e, u) for b, e, u in kept}
-    roots: dict[int, list[tuple[int, int]]] = {}
-    for b, e, u in kept:
-        root = b
+    for i in fragments:
+        u = kept[i][2]
+        root = kept[i][0]
         seen = 0
-        # A chained entry describes a fragment of another function; follow the chain to its primary entry.
-        while 0 < u < size - 4 and mem[u] & (UNW_FLAG_CHAININFO << 3) and seen < 32:
+        while 0 < u < size - 4 and mem[u] & chain and seen < 32:
             count = mem[u + 2]
             off = u + 4 + ((count + 1) & ~1) * 2
             if off + 12 > size:
@@ -534,12 +579,14 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
             root = parent[0]
             u = by_begin.get(root, parent)[2]
             seen += 1
-        roots.setdefault(root, []).append((b, e))
-    if bad:
-        warnings.append(f"{bad} .pdata entries out of range were ignored")
-    if overlapping:
-        warnings.append(f"{overlapping} .pdata entries overlapping others were ignored")
-    return tuple(Function(r, tuple(sorted(rs))) for r, rs in sorted(roots.items()))
+        roots[i] = root
+    several: dict[int, list[tuple[int, int]]] = {}
+    for i in fragments:
+        several.setdefault(roots[i], [])
+    for b, e, r in zip(begins, ends, roots):
+        if r in several:
+            several[r].append((b, e))  # (in ascending order, as `kept` is)
+    return FunctionTable(begins, ends, roots, {r: tuple(rs) for r, rs in several.items()})
 
 
 def _relocations(

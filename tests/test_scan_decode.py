@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import capstone
 import pytest
 from conftest import BIN, corpus_drivers
-from iced_x86 import Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeInfo, OpCodeTableKind
+from iced_x86 import Code, Decoder, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeInfo, OpCodeTableKind
 
 from tagsplit.image import Image, load
 from tagsplit.sites import decode, refs, stubs
@@ -293,6 +293,24 @@ def test_screen_covers_every_control_flow_and_risky_opcode() -> None:
     assert {0xC4, 0xC5, 0x62, 0x8F, 0x0F} <= decode._SCREEN
 
 
+@pytest.mark.parametrize("bits", [64, 32])
+def test_canonical_forms_by_first_byte_and_length(bits: int) -> None:
+    """decode._canonical_at (first byte + length) picks out exactly the instructions iced decodes as the common
+    control-flow forms (`_FORMS`), over every opcode byte, every 0F second byte and every length."""
+    forms = decode._FORMS[bits]
+    for b0 in range(256):
+        for b1 in range(256) if b0 == 0x0F else (0x10,):
+            data = bytes([b0, b1]) + bytes(14)
+            ins = next(iter(Decoder(bits, data, ip=0x1000)))
+            if not ins:
+                continue
+            n = len(ins)
+            got = decode._canonical_at(data[:1], [n], data, [0])
+            kind = forms.get(ins.code, (None, 0))
+            expected = kind[0] not in (None, decode.INDIRECT) and kind[1] == n
+            assert bool(got) == expected, (bits, data[:n].hex(), ins.code)
+
+
 # --- byte searches ---------------------------------------------------------------------------------------------
 
 _X64_OLD = re.compile(rb"\xff[\x15\x25]|[\x48\x4c]\x8b[\x05\x0d\x15\x1d\x25\x2d\x35\x3d]", re.S)
@@ -341,10 +359,14 @@ class _Fake:
     def __init__(self, mem: bytes, base: int = 0x1000) -> None:
         self.mem = mem
         self.arch = "x64"
-        self._sec = type("S", (), {"rva": base, "end": len(mem) - 3})()
+        self.size_of_image = len(mem)
+        self._sec = type("S", (), {"rva": base, "end": len(mem) - 3, "size": len(mem) - 3 - base})()
 
     def code_sections(self) -> list[object]:
         return [self._sec]
+
+    def function_at(self, rva: int) -> None:
+        return None
 
 
 def test_chunked_searches_find_what_the_plain_expressions_find() -> None:
@@ -365,8 +387,24 @@ def test_chunked_searches_find_what_the_plain_expressions_find() -> None:
         t = rnd.choice(sorted(targets)) + rnd.choice((0, 0, 1, -1))
         buf[p : p + 5] = rnd.choice((b"\xe8", b"\xe9")) + struct.pack("<i", t - p - 5)
     image = _Fake(bytes(buf))
-    assert refs.find_refs(image, slots) == _find_refs_old(image, slots)  # type: ignore[arg-type]
+    want = _find_refs_old(image, slots)  # type: ignore[arg-type]
+    assert refs.find_refs(image, slots) == want  # type: ignore[arg-type]
     assert refs.direct_branches_to(image, targets) == _branches_old(image, targets)  # type: ignore[arg-type]
+    # cut into spans anywhere (inside references too): together the spans find the same, each reference once
+    cuts = sorted({0, size, *(rnd.randrange(0x1000, size) for _ in range(6)), *(r.rva + 1 for r in want[:40:7])})
+    parts = [refs.find_refs(image, slots, span) for span in zip(cuts, cuts[1:])]  # type: ignore[arg-type]
+    assert sorted((r for part in parts for r in part), key=lambda r: r.rva) == want
+    # `jmp reg` starts, with a REX byte just before a cut
+    jr = bytearray(b"\x90" * 64)
+    jr[10:13] = b"\x41\xff\xe3"
+    jr[30:32] = b"\xff\xe0"
+    fake = _Fake(bytes(jr), base=0)
+    fake.arch = "x64"
+    whole = stubs.find_tails(fake, {}, None).jmp_reg  # type: ignore[arg-type]
+    assert whole == [10, 30]
+    for cut in range(1, 40):
+        halves = [stubs.find_tails(fake, {}, None, span).jmp_reg for span in ((0, cut), (cut, 64))]  # type: ignore[arg-type]
+        assert halves[0] + halves[1] == whole, cut
 
 
 @pytest.mark.parametrize("path", [p for p in DRIVERS if p.suffix == ".sys"][:20], ids=lambda p: p.name)
@@ -403,4 +441,6 @@ def test_parallel_analysis_gives_the_same_scan(name: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(scan_mod.os, "cpu_count", lambda: 3)
     shared = scan_mod.scan_image(image)
     assert shared == alone
+    monkeypatch.setattr(scan_mod, "PARALLEL_SEARCH_BYTES", 0)  # the byte searches split in two processes as well
+    assert scan_mod.scan_image(image) == alone
     assert [scan_mod._unpack(scan_mod._pack(s)) for s in alone.sites] == list(alone.sites)

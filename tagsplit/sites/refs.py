@@ -86,17 +86,39 @@ def _clusters(targets: Iterable[int]) -> list[tuple[int, int]]:
     return out
 
 
-def find_refs(image: Image, slots: set[int]) -> list[Ref]:
-    """Every instruction-shaped reference to one of the IAT `slots` in the executable sections."""
+def code_spans(image: Image, span: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:
+    """(section start, section end, begin, end) of the executable sections, each cut to `span` where one is given."""
+    lo, hi = span if span is not None else (0, image.size_of_image)
+    return [(s.rva, s.end, max(s.rva, lo), min(s.end, hi)) for s in image.code_sections() if s.rva < hi and lo < s.end]
+
+
+def split_code(image: Image, parts: int) -> list[tuple[int, int]]:
+    """`parts` consecutive RVA spans that hold about the same amount of executable code each."""
+    secs = image.code_sections()
+    total = sum(s.size for s in secs)
+    cuts = [0]
+    for i in range(1, parts):
+        want, acc = total * i // parts, 0
+        for s in secs:
+            if acc + s.size > want:
+                cuts.append(s.rva + (want - acc))
+                break
+            acc += s.size
+    cuts.append(image.size_of_image)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
+
+
+def find_refs(image: Image, slots: set[int], span: tuple[int, int] | None = None) -> list[Ref]:
+    """Every instruction-shaped reference to one of the IAT `slots` in the executable sections; with `span`, those
+    whose opcode byte lies in it (the searches of disjoint spans can run in parallel and together find the same)."""
     out: list[Ref] = []
     mem = image.mem
     if image.arch == "x64":
         unpack = struct.unpack_from
         groups = _clusters(slots)
-        for sec in image.code_sections():
-            sec_rva, sec_end = sec.rva, sec.end
-            for c in range(sec_rva, sec_end, CHUNK):
-                ce = min(c + CHUNK, sec_end)
+        for sec_rva, sec_end, begin, end in code_spans(image, span):
+            for c in range(begin, end, CHUNK):
+                ce = min(c + CHUNK, end)
                 # the opcode byte (FF, or 8B after its REX) at p in [c, ce); slot = p + 6 + rel32
                 rel = rel32_pattern((a - (ce - 1) - 6, b - c - 6) for a, b in groups)
                 stop = min(len(mem), ce + 6)
@@ -121,13 +143,14 @@ def find_refs(image: Image, slots: set[int]) -> list[Ref]:
                     if slot in slots:
                         out.append(Ref(q - 1, 7, LOAD, slot))
     else:
+        lo, hi = span if span is not None else (0, image.size_of_image)
         for slot in slots:
             needle = struct.pack("<I", (image.base + slot) & 0xFFFFFFFF)
             for sec in image.code_sections():
                 pos = mem.find(needle, sec.rva, sec.end)
                 while pos >= 0:
                     ref = _x86_ref(mem, pos, slot)
-                    if ref is not None:
+                    if ref is not None and lo <= ref.rva < hi:
                         out.append(ref)
                     pos = mem.find(needle, pos + 1, sec.end)
     out.sort(key=lambda r: r.rva)

@@ -10,7 +10,7 @@ import os
 import struct
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import capstone
 
@@ -18,9 +18,9 @@ from .. import apis
 from . import model
 from .flow import DecodeMismatch, FunctionCode, StepMemo
 from .model import CallSite, DriverScan, Instruction, TagSource, make
-from .refs import JMP_MEM, LOAD, FunctionStarts, Ref, find_refs
+from .refs import JMP_MEM, LOAD, FunctionStarts, Ref, find_refs, split_code
 from .semantics import Context, Fork, Insn, Loc, Origin, RegLoc, StackLoc, branch_target, parse_operands, step_back
-from .stubs import Stub, find_stubs
+from .stubs import Stub, Tails, find_stubs, find_tails
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -113,8 +113,8 @@ class _Scanner:
     def run(self) -> list[CallSite]:
         if not self.pool:
             return []
-        refs = find_refs(self.image, set(self.pool))
-        stubs, callers, unused = find_stubs(self.image, refs, self.pool, self.cs)
+        refs, tails = self._search()
+        stubs, callers, unused = find_stubs(self.image, refs, self.pool, self.cs, tails)
         self.stubs = stubs
         stub_insns = {i.rva for st in stubs.values() for i in st.insns}
         self.thunks = {**{e: True for e, st in stubs.items() if st.is_plain_thunk}, **{t: False for t in unused}}
@@ -139,6 +139,26 @@ class _Scanner:
         sites.sort(key=lambda s: s.rva)
         return _mark_shared(sites)
 
+    def _search(self) -> tuple[list[Ref], Tails]:
+        """The byte searches (IAT references, stub endings): over halves of the code in two processes where the
+        code is large enough for that to pay."""
+        slots = set(self.pool)
+        code = sum(s.size for s in self.image.code_sections())
+        if code < PARALLEL_SEARCH_BYTES or _workers(PARALLEL_MIN_FUNCTIONS) < 2:
+            return find_refs(self.image, slots), find_tails(self.image, self.pool, self.cs)
+        first, *others = split_code(self.image, 2)
+
+        def search(span: tuple[int, int]) -> bytes:
+            refs = find_refs(self.image, slots, span)
+            tails = find_tails(self.image, self.pool, self.cs, span)
+            return marshal.dumps(([(r.rva, r.size, r.kind, r.slot) for r in refs], tails.pic, tails.jmp_reg))
+
+        own, sent = _forked(search, others, lambda: search(first))
+        got = [marshal.loads(b) for b in (own, *sent)]
+        refs = sorted((Ref(*r) for g in got for r in g[0]), key=lambda r: r.rva)
+        pic = {k: v for g in got for k, v in g[1].items()}
+        return refs, Tails(pic, sorted(x for g in got for x in g[2]))
+
     def _analyse_in_parallel(self, work: list[tuple[int, tuple[tuple[int, int], ...]]], workers: int) -> list[CallSite]:
         """Share the functions out: this process takes one part, forked children (which inherit the scanner and
         the image instead of unpickling them) take the others and send back their sites."""
@@ -148,27 +168,11 @@ class _Scanner:
         warm = self.analyse(work[:head])
         rest = work[head:]
         parts = [rest[i::workers] for i in range(workers)]
-        ctx = multiprocessing.get_context("fork")
-        children = []
-        gc.freeze()  # the children's collector leaves the inherited objects (and their pages) alone
-        try:
-            for part in parts[1:]:
-                recv, send = ctx.Pipe(duplex=False)
-                child = ctx.Process(target=_analyse_part, args=(self, part, send), daemon=True)
-                child.start()
-                send.close()
-                children.append((child, recv))
-            sites = warm + self.analyse(parts[0])
-            for child, recv in children:
-                try:
-                    sites.extend(_unpack(t) for t in marshal.loads(recv.recv_bytes()))
-                except EOFError as e:
-                    raise RuntimeError(f"scan worker {child.pid} died (exit code {child.exitcode})") from e
-        finally:
-            for child, recv in children:
-                recv.close()
-                child.join()
-            gc.unfreeze()
+        sites, sent = _forked(
+            lambda part: _pack_all(self.analyse(part)), parts[1:], lambda: warm + self.analyse(parts[0])
+        )
+        for data in sent:
+            sites.extend(_unpack(t) for t in marshal.loads(data))
         return sites
 
     def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[CallSite]:
@@ -331,7 +335,7 @@ class _Scanner:
         target: int | None = None,
     ) -> CallSite:
         rva = code.starts[k]
-        raw = b"".join(code.raw(j) for j in range(k, k + span))
+        raw = code.raw(k) if span == 1 else b"".join(code.raw(j) for j in range(k, k + span))
         image = self.image
         stub = self.stubs.get(target) if target is not None and call == model.THUNK else None
         if stub is not None and not stub.is_plain_thunk:
@@ -379,7 +383,8 @@ class _Scanner:
 
 
 PARALLEL_MIN_FUNCTIONS = 400
-WARM_UP = 0.06  # share of the functions analysed before the workers are forked
+PARALLEL_SEARCH_BYTES = 4 << 20  # code below this is searched in one process: a fork costs more than it saves
+WARM_UP = 0.0  # share of the functions analysed before the workers are forked
 
 
 def _workers(functions: int) -> int:
@@ -389,13 +394,48 @@ def _workers(functions: int) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _analyse_part(scanner: _Scanner, work: list[tuple[int, tuple[tuple[int, int], ...]]], send: Connection) -> None:
-    # runs in a forked child: the scanner (and the image) were inherited, not pickled
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _forked(fn: Callable[[_T], bytes], others: list[_T], mine: Callable[[], _R]) -> tuple[_R, list[bytes]]:
+    """(mine(), [fn(x) for x in others]), each fn(x) in a forked child, which inherits everything this process
+    holds (the image, the scanner) instead of having it pickled, while this process runs mine()."""
+    ctx = multiprocessing.get_context("fork")
+    children = []
+    gc.freeze()  # the children's collector leaves the inherited objects (and their pages) alone
+    try:
+        for arg in others:
+            recv, send = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=_run_child, args=(fn, arg, send), daemon=True)
+            child.start()
+            send.close()
+            children.append((child, recv))
+        own = mine()
+        out = []
+        for child, recv in children:
+            try:
+                out.append(recv.recv_bytes())
+            except EOFError as e:
+                raise RuntimeError(f"scan worker {child.pid} died (exit code {child.exitcode})") from e
+    finally:
+        for child, recv in children:
+            recv.close()
+            child.join()
+        gc.unfreeze()
+    return own, out
+
+
+def _run_child(fn: Callable[[_T], bytes], arg: _T, send: Connection) -> None:
     gc.disable()
     try:
-        send.send_bytes(marshal.dumps([_pack(s) for s in scanner.analyse(work)]))
+        send.send_bytes(fn(arg))
     finally:
         send.close()
+
+
+def _pack_all(sites: list[CallSite]) -> bytes:
+    return marshal.dumps([_pack(s) for s in sites])
 
 
 # Sites cross from a worker as plain tuples (marshal): unpickling dataclasses costs several times more.
@@ -464,7 +504,7 @@ def _classify(
     if kinds == {"imm"}:
         values = {o.value for o in origins}
         if len(values) == 1:
-            first, *rest = sorted(origins, key=lambda o: o.rva or 0)
+            first, *rest = sorted(origins, key=lambda o: o.rva or 0) if len(origins) > 1 else origins
             return _source(
                 model.IMM,
                 value=first.value,

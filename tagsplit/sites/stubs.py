@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from .refs import JMP_MEM, LOAD, Ref, after_padding, direct_branches_to
+from .refs import JMP_MEM, LOAD, Ref, after_padding, code_spans, direct_branches_to
 from .semantics import Insn, branch_target
 
 if TYPE_CHECKING:
@@ -29,12 +29,14 @@ _PIC = re.compile(rb"\xe8\x00\x00\x00\x00[\x58-\x5f]", re.S)
 _JMP_REG = re.compile(rb"\xff[\xe0-\xe7]", re.S)
 
 
-def jmp_reg_starts(mem: bytes, begin: int, end: int, x64: bool) -> list[int]:
-    """Where `jmp reg` (with a REX prefix on x64 when there is one) starts in [begin, end)."""
+def jmp_reg_starts(mem: bytes, begin: int, end: int, x64: bool, floor: int | None = None) -> list[int]:
+    """Where `jmp reg` (with a REX prefix on x64 when there is one, from `floor` on) starts, its two bytes in
+    [begin, end)."""
     out = []
+    floor = begin if floor is None else floor
     for m in _JMP_REG.finditer(mem, begin, end):
         start = m.start()
-        if x64 and start - 1 >= begin and 0x40 <= mem[start - 1] <= 0x4F:
+        if x64 and start - 1 >= floor and 0x40 <= mem[start - 1] <= 0x4F:
             start -= 1
         out.append(start)
     return out
@@ -58,10 +60,39 @@ def _outside_functions(image: Image, rva: int) -> bool:
     return f is None
 
 
+class Tails(NamedTuple):
+    """What the byte searches for stub endings found (other than `jmp [IAT]`, which `find_refs` finds)."""
+
+    pic: dict[int, tuple[str, bool]]  # x86 position-independent stub's final jmp/call -> (routine, is a call)
+    jmp_reg: list[int]  # `jmp reg` outside every function
+
+
+def find_tails(image: Image, pool: dict[int, PoolApi], cs: capstone.Cs, span: tuple[int, int] | None = None) -> Tails:
+    """The stub endings found by their bytes; with `span`, those whose first byte lies in it (see `find_refs`)."""
+    mem = image.mem
+    pic: dict[int, tuple[str, bool]] = {}
+    jmp_reg: list[int] = []
+    x64 = image.arch == "x64"
+    for sec_rva, sec_end, begin, end in code_spans(image, span):
+        # position-independent x86 stubs (tagsplit's own): call $+5; pop reg; ...; jmp/call [reg + disp32]
+        for m in _PIC.finditer(mem, begin, min(sec_end, end + 5)):
+            if m.start() >= end:
+                break
+            found = _pic_tail(mem, m.start(), pool, cs)
+            if found is not None:
+                tail, api, is_call = found
+                pic[tail] = (api.name, is_call)
+        for start in jmp_reg_starts(mem, begin, min(sec_end, end + 1), x64, floor=sec_rva):
+            if not x64 or _outside_functions(image, start):
+                jmp_reg.append(start)
+    return Tails(pic, jmp_reg)
+
+
 def find_stubs(
-    image: Image, refs: list[Ref], pool: dict[int, PoolApi], cs: capstone.Cs
+    image: Image, refs: list[Ref], pool: dict[int, PoolApi], cs: capstone.Cs, found: Tails | None = None
 ) -> tuple[dict[int, Stub], dict[int, list[tuple[int, bool]]], set[int]]:
-    """Stubs by entry RVA, their callers (RVA, is_call) by entry, and unused plain thunks (RVA)."""
+    """Stubs by entry RVA, their callers (RVA, is_call) by entry, and unused plain thunks (RVA). `found`: what
+    `find_tails` found, where it has run already."""
     tails: dict[int, PoolApi | None] = {}
     for r in refs:
         if r.kind == JMP_MEM and _outside_functions(image, r.rva) and r.rva not in image.exports:
@@ -69,20 +100,13 @@ def find_stubs(
         elif r.kind == LOAD and _outside_functions(image, r.rva):
             pass  # a load inside a stub is picked up when the stub's `jmp reg` is
     mem = image.mem
-    calls_at: set[int] = set()
-    x64 = image.arch == "x64"
-    for sec in image.code_sections():
-        # position-independent x86 stubs (tagsplit's own): call $+5; pop reg; ...; jmp/call [reg + disp32]
-        for m in _PIC.finditer(mem, sec.rva, sec.end):
-            found = _pic_tail(mem, m.start(), pool, cs)
-            if found is not None:
-                tail, api, is_call = found
-                tails[tail] = api
-                if is_call:
-                    calls_at.add(tail)
-        for start in jmp_reg_starts(mem, sec.rva, sec.end, x64):
-            if not x64 or _outside_functions(image, start):
-                tails.setdefault(start, None)
+    if found is None:
+        found = find_tails(image, pool, cs)
+    by_name = {api.name: api for api in pool.values()}
+    calls_at = {tail for tail, (_, is_call) in found.pic.items() if is_call}
+    tails.update((tail, by_name[name]) for tail, (name, _) in found.pic.items())
+    for start in found.jmp_reg:
+        tails.setdefault(start, None)
     if not tails:
         return {}, {}, set()
     window = {t - d: t for t in tails for d in range(WINDOW + 1) if t - d >= 0}
