@@ -10,7 +10,9 @@ Three routes, each swept over every fault point:
 * `--live` against the pykd stand-in: the debugger connection dies before any write, in the middle of a write
   (torn), at every journal step, during a rollback and during a revert; `revert_live` restores the exact bytes.
 * the WinDbg script route: the CLI writing the two scripts is killed at every point (never an apply script without
-  its revert script), and a script run dies at each `eb`; the revert script restores the original.
+  its revert script), and a script run dies at each `eb`, before it or in the middle of it (torn), and then the
+  revert script too at each of its writes; the revert script restores the original, and refuses a torn range with
+  a byte that is neither the original's nor the replacement's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,20 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 from conftest import BIN
-from test_live_pykd import X64, X86, ico_site, imm_plan, imm_sites, make_plan, session, stub_plan, with_ico_call
+from test_live_pykd import (
+    X64,
+    X86,
+    changed_ranges,
+    ico_site,
+    imm_plan,
+    imm_sites,
+    make_plan,
+    planned_bytes,
+    session,
+    stub_plan,
+    with_ico_call,
+    x86_redirect_site,
+)
 from test_live_pykd import write_plan as write_plan_file
 from windbg_interp import Interp
 
@@ -466,12 +481,6 @@ def test_script_killed_at_every_eb_then_revert_script(case: str) -> None:
         assert _memory(s, mod) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tagsplit/targets/script.py: the revert script's guard accepts only the replacement or the original, so a "
-    "range torn by a crash in the middle of an `eb` (some bytes new, some old) is reported DIFFERS and nothing is "
-    "restored; tagsplit.live revert accepts torn ranges (apply._torn). Not in this change's files.",
-)
 @pytest.mark.parametrize("case", ["x64-stub", "x86"])
 def test_script_torn_eb_then_revert_script(case: str) -> None:
     _, plan, _ = LIVE[case]()
@@ -485,6 +494,114 @@ def test_script_torn_eb_then_revert_script(case: str) -> None:
         out = _script_runs(s, render_revert(plan))
         assert out[-1].startswith("tagsplit: reverted"), out
         assert _memory(s, mod) == before
+
+
+def _x86_relocated_session() -> tuple[PykdStandIn, Plan, str]:
+    """x86 with a redirected `call [abs32]`: its resident form holds the relocated abs32, which revert recomputes
+    with `ed` after its `eb` (a second write per range that can be torn too)."""
+    s, image, mod = session(X86[0])
+    return s, make_plan(image, [x86_redirect_site(image), *imm_sites(image)]), mod
+
+
+_SCRIPT_CASES = ["x64-stub", "x86", "x86-relocated-call", "x64-import-call-optimised"]
+
+
+@functools.cache
+def _script_base(case: str) -> tuple[PykdStandIn, Plan, str]:
+    return _x86_relocated_session() if case == "x86-relocated-call" else _base(case)
+
+
+def _script_fresh(case: str) -> tuple[PykdStandIn, Plan, str]:
+    s, plan, mod = _script_base(case)
+    return copy.deepcopy(s), plan, mod
+
+
+def _reverted_by_script(case: str, plan: Plan, before: bytes, after: bytes) -> None:
+    """`after` is `before`, except that a range the loader had rewritten with import call optimisation may now hold
+    the file form, which the script restores there (equivalent code, see script.py). A relocated field is the exact
+    resident value: the file form there would be wrong code in the rebased driver."""
+    if case != "x64-import-call-optimised":
+        assert after == before
+        return
+    for p in plan.patches():
+        assert after[p.rva : p.end] in {before[p.rva : p.end], p.original}, hex(p.rva)
+    assert changed_ranges(before, after) <= planned_bytes(plan)
+
+
+# not "x86": k x j runs of its 26 patches take 45 s; its imm patches are covered by the 9-patch x86 case
+@pytest.mark.parametrize("torn", [False, True], ids=["dies-before-the-write", "torn-write"])
+@pytest.mark.parametrize("case", [c for c in _SCRIPT_CASES if c != "x86"])
+def test_script_apply_dies_then_revert_dies_then_revert_script(case: str, torn: bool) -> None:
+    """The debugger dies at the apply script's k-th write, then at the revert script's j-th write (an `eb`, or the
+    `ed` of a relocated field: dying before it leaves the file form of the field), before the write or in the
+    middle of it, for every k and j; the revert script run again restores the original every time."""
+    _, plan, _ = _script_fresh(case)
+    apply_text, revert_text = render_apply(plan), render_revert(plan)
+    runs = 0
+
+    def die_at(s: PykdStandIn, n: int | None) -> None:
+        s.__dict__.pop("writeBytes", None)  # undo _torn_crash
+        s.crash_writes = set()
+        if n is not None and torn:
+            _torn_crash(s, n)
+        elif n is not None:
+            s.crash_writes = {n}
+
+    for k in range(1, len(plan.patches()) + 1):
+        for j in range(1, MAX_POINTS):
+            s, _, mod = _script_fresh(case)
+            before = _memory(s, mod)
+            die_at(s, k)
+            with pytest.raises(SimulatedCrash):
+                _script_runs(s, apply_text)
+            die_at(s, s.writes + j)
+            try:
+                out = _script_runs(s, revert_text)
+            except SimulatedCrash:
+                runs += 1
+            else:  # fewer than j writes: the revert completed
+                assert out[-1].startswith("tagsplit: reverted"), out
+                _reverted_by_script(case, plan, before, _memory(s, mod))
+                break
+            die_at(s, None)
+            out = _script_runs(s, revert_text)
+            assert out[-1].startswith("tagsplit: reverted"), out
+            _reverted_by_script(case, plan, before, _memory(s, mod))
+            writes = s.writes
+            assert _script_runs(s, revert_text)[-1].startswith("tagsplit: reverted")
+            assert s.writes == writes  # nothing left to restore
+    assert runs >= len(plan.patches())
+
+
+@pytest.mark.parametrize("case", _SCRIPT_CASES)
+def test_script_revert_refuses_a_torn_range_with_a_foreign_byte(case: str) -> None:
+    """A byte that is neither the replacement's nor the original's (nor the resident form's) is never written over,
+    torn range or not: DIFFERS, and nothing is written anywhere."""
+    _, plan, _ = _script_fresh(case)
+    for k, p in enumerate(_apply_order(plan), 1):
+        s, _, mod = _script_fresh(case)
+        _torn_crash(s, k)
+        with pytest.raises(SimulatedCrash):
+            _script_runs(s, render_apply(plan))
+        s.__dict__.pop("writeBytes", None)
+        # the last byte no resident form wildcards (a loader-computed byte cannot be checked, as in the apply guard)
+        alts = p.resident_alternatives
+        i = max(i for i in range(len(p.original)) if all("?" not in a[2 * i : 2 * i + 2] for a in alts))
+        va = s.module(mod).begin() + p.rva + i
+        known = {p.original[i], p.replacement[i], s.peek(va, 1)[0], *(int(a[2 * i : 2 * i + 2], 16) for a in alts)}
+        s.poke(va, bytes([next(b for b in (0xCC, 0x00, 0xF4, 0x90) if b not in known)]))
+        memory, writes = _memory(s, mod), s.writes
+        out = _script_runs(s, render_revert(plan))
+        differs = [line for line in out if line.startswith("tagsplit: DIFFERS")]
+        assert len(differs) == 1, out
+        assert f"+{p.rva:#x} " in differs[0]
+        assert out[-1].startswith("tagsplit: nothing written"), out
+        assert (s.writes, _memory(s, mod)) == (writes, memory)
+
+
+def _apply_order(plan: Plan) -> list[pm.Patch]:
+    """The patches in the order the apply script writes them: stubs first (script.render_apply)."""
+    return sorted(plan.patches(), key=lambda p: (not p.what.startswith("stub"), p.rva))
 
 
 # --- the input changes under apply ------------------------------------------------------------------------------

@@ -5,10 +5,12 @@
 
 1. guard: check the module identity (TimeDateStamp, CheckSum, SizeOfImage read from the resident PE header) and the
    current bytes of EVERY patch range (apply: the plan's original, any resident alternative, or already the
-   replacement; revert: the replacement, or already the original/an alternative). If anything differs, print which
-   range and stop WITHOUT writing anything.
+   replacement; revert: byte by byte the replacement's or the original's (or a resident alternative's) value, which
+   takes in a range torn by a crash in the middle of an `eb`, as `apply._torn` does for the pykd route). If anything
+   differs, print which range and stop WITHOUT writing anything.
 2. writes: `eb` per patch; apply writes stubs before the calls redirected into them, revert the reverse. A range that
-   already holds the target bytes is skipped, so running a script twice is harmless.
+   already holds the target bytes (revert: or an untouched resident alternative) is skipped, so running a script
+   twice is harmless.
 3. read-back: one `tagsplit: OK` or `tagsplit: FAILED` line per patch, then a summary.
 
 Addresses are module-relative (`<module>+0x1234`); nothing depends on the load address.
@@ -48,6 +50,7 @@ $t3 read-back failures, $t4 a relocated value being restored.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import PlanError
@@ -113,18 +116,35 @@ def _match(mod: str, rva: int, data: bytes | str, relocs: Relocs | None = None) 
     """A MASM condition that is 1 when memory at mod+rva holds `data`: bytes, or a hex pattern where `?` is any
     nibble (`Patch.resident_alternatives`). `relocs` turns wildcarded pointer fields into exact checks against the
     relocated value. Word/byte reads only, so no read is ever sign-extended."""
-    pattern = data.hex() if isinstance(data, bytes) else data.lower()
-    n = len(pattern) // 2
-    reloc_byte: dict[int, tuple[int, int]] = {}  # byte offset -> (value - ImageBase, byte index in the field)
+    return "(" + " and ".join(_match_terms(mod, rva, data, relocs) or ["1"]) + ")"
+
+
+def _hex(data: bytes | str) -> str:
+    return data.hex() if isinstance(data, bytes) else data.lower()
+
+
+def _reloc_bytes(relocs: Relocs | None) -> dict[int, tuple[int, int]]:
+    """{byte offset: (value - ImageBase, byte index in the field)} for every byte of a relocated field."""
+    out: dict[int, tuple[int, int]] = {}
     for off, (value, size) in (relocs or {}).items():
         for j in range(size):
-            reloc_byte[off + j] = (value, j)
+            out[off + j] = (value, j)
+    return out
+
+
+def _reloc_byte(mod: str, rva: int, value: int, j: int) -> str:
+    return f"(by({_addr(mod, rva)}) == ((({mod}+{value:#x}) >> {8 * j:#x}) & 0xff))"
+
+
+def _match_terms(mod: str, rva: int, data: bytes | str, relocs: Relocs | None = None) -> list[str]:
+    pattern = _hex(data)
+    n = len(pattern) // 2
+    reloc_byte = _reloc_bytes(relocs)
     terms = []
     i = 0
     while i < n:
         if i in reloc_byte:
-            value, j = reloc_byte[i]
-            terms.append(f"(by({_addr(mod, rva + i)}) == ((({mod}+{value:#x}) >> {8 * j:#x}) & 0xff))")
+            terms.append(_reloc_byte(mod, rva + i, *reloc_byte[i]))
             i += 1
             continue
         width = 2 if i + 1 < n and i + 1 not in reloc_byte else 1
@@ -142,6 +162,56 @@ def _match(mod: str, rva: int, data: bytes | str, relocs: Relocs | None = None) 
                 read = f"({read} & {mask:#0{digits + 2}x})"
             terms.append(f"({read} == {value:#0{digits + 2}x})")
         i += width
+    return terms
+
+
+def _bytewise(mod: str, rva: int, forms: list[tuple[bytes | str, Relocs]]) -> str:
+    """A MASM condition that is 1 when every byte of the range holds the value that one of `forms` has at that byte
+    (any value where a form has `??`, the masked nibble where it has one `?`, the loader's value for this load
+    address in a relocated field).
+
+    This is the script's form of `apply._torn`: `eb` can die after some of its bytes, and a revert of such a range
+    can die again (its `eb`, or the `ed` that relocates a field), so a byte may come from any of the forms a
+    tagsplit write goes between, but never from anywhere else. Bytes on which every form agrees are read as words,
+    as `_match` does."""
+    n = len(_hex(forms[0][0])) // 2
+    per_form = [(_hex(data), _reloc_bytes(relocs)) for data, relocs in forms]
+    terms: list[str] = []
+    run = bytearray()  # consecutive bytes that can hold one value only
+
+    def flush(end: int) -> None:
+        if run:
+            terms.extend(_match_terms(mod, rva + end - len(run), bytes(run)))
+            run.clear()
+
+    for i in range(n):
+        exact: dict[int, None] = {}  # ordered: the replacement's value first, then the original's
+        other: dict[str, None] = {}
+        free = False
+        for pattern, reloc_byte in per_form:
+            if i in reloc_byte:
+                other[_reloc_byte(mod, rva + i, *reloc_byte[i])] = None
+                continue
+            nibbles = pattern[2 * i : 2 * i + 2]
+            if nibbles == "??":
+                free = True  # a value only the loader knows: the guard cannot check it, as for a whole form
+                break
+            if "?" in nibbles:
+                mask = 0xF0 if nibbles[1] == "?" else 0x0F
+                value = int(nibbles.replace("?", "0"), 16)
+                other[f"((by({_addr(mod, rva + i)}) & {mask:#04x}) == {value:#04x})"] = None
+            else:
+                exact[int(nibbles, 16)] = None
+        if free:
+            flush(i)
+            continue
+        if len(exact) == 1 and not other:
+            run += bytes(exact)
+            continue
+        flush(i)
+        options = [f"(by({_addr(mod, rva + i)}) == {v:#04x})" for v in exact] + list(other)
+        terms.append(options[0] if len(options) == 1 else "(" + " or ".join(options) + ")")
+    flush(n)
     return "(" + " and ".join(terms or ["1"]) + ")"
 
 
@@ -218,28 +288,6 @@ def _identity(plan: Plan, mod: str) -> list[str]:
     ]
 
 
-def _guard(mod: str, i: int, p: Patch, ok: list[tuple[bytes | str, Relocs]], ok_text: str) -> list[str]:
-    lines = [
-        f"$$ guard {_label(i, p, mod)}",
-        "r $t1 = 0",
-        f".if ($vvalid({_addr(mod, p.rva)}, {len(p.original):#x}) == 0) {{",
-        f'  .echo "tagsplit: NOT PRESENT: {_label(i, p, mod)} is paged out or discarded - run .pagein /f '
-        f'{_addr(mod, p.rva)} then g and run this script again when the target breaks in"',
-        "  r $t0 = @$t0 + 1",
-        "} .else {",
-    ]
-    for data, relocs in ok:
-        lines.append(f"  .if {_match(mod, p.rva, data, relocs)} {{ r $t1 = 1 }}")
-    lines += [
-        "  .if (@$t1 == 0) {",
-        f'    .echo "tagsplit: DIFFERS: {_label(i, p, mod)} holds neither {ok_text}"',
-        "    r $t0 = @$t0 + 1",
-        "  }",
-        "}",
-    ]
-    return lines
-
-
 def _restore_relocs(plan: Plan, p: Patch) -> Relocs:
     """Relocated fields of the first resident alternative that has any (revert recomputes them)."""
     for alt in p.resident_alternatives:
@@ -256,6 +304,92 @@ def _wildcard(data: bytes, relocs: Relocs) -> str:
     return "".join(h)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """One patch range as a script handles it; the rest of the script is the same for apply and revert."""
+
+    i: int
+    patch: Patch
+    accept: list[str]  # phase 1: conditions, any of which lets phase 2 touch the range
+    done: str  # the range holds what phase 2 would write: phase 2 skips it, phase 3 reports it OK
+    write: list[str]  # phase 2 commands
+
+
+@dataclass(frozen=True)
+class _Wording:
+    """The texts in which the apply and the revert script differ."""
+
+    kind: str  # "apply" or "revert", for the header
+    differs: str  # what a range that fails phase 1 holds
+    stubs_first: bool  # phase 2 order: stubs before the calls redirected into them (apply) or after (revert)
+    writes: str  # the phase 2 comment
+    verb: str  # per range in phase 2
+    ok: str  # after the label in the OK line
+    failed: str  # after the label in the FAILED line
+    all_ok: str
+    some_failed: str
+
+
+def _guard(mod: str, r: _Range, differs: str) -> list[str]:
+    label = _label(r.i, r.patch, mod)
+    at = _addr(mod, r.patch.rva)
+    return [
+        f"$$ guard {label}",
+        "r $t1 = 0",
+        f".if ($vvalid({at}, {len(r.patch.original):#x}) == 0) {{",
+        f'  .echo "tagsplit: NOT PRESENT: {label} is paged out or discarded - run .pagein /f {at} then g and run '
+        'this script again when the target breaks in"',
+        "  r $t0 = @$t0 + 1",
+        "} .else {",
+        *(f"  .if {cond} {{ r $t1 = 1 }}" for cond in r.accept),
+        "  .if (@$t1 == 0) {",
+        f'    .echo "tagsplit: DIFFERS: {label} holds {differs}"',
+        "    r $t0 = @$t0 + 1",
+        "  }",
+        "}",
+    ]
+
+
+def _render(plan: Plan, mod: str, ranges: list[_Range], words: _Wording, notes: list[str]) -> str:
+    """The three phases (module docstring) around the per-range conditions and commands of `ranges`."""
+    out = _header(plan, mod, words.kind, len(ranges)) + notes
+    out += ["", "r $t0 = 0", "r $t3 = 0", *_identity(plan, mod)]
+    for r in ranges:
+        out += _guard(mod, r, words.differs)
+    out += [
+        "",
+        ".if (@$t0 != 0) {",
+        '  .echo "tagsplit: nothing written - the target differs from the plan (see DIFFERS / NOT PRESENT above)"',
+        "} .else {",
+        f"  $$ phase 2 - {words.writes}",
+    ]
+    for r in sorted(ranges, key=lambda r: (_is_stub(r.patch) != words.stubs_first, r.patch.rva)):
+        out.append(f"  $$ {words.verb} {_label(r.i, r.patch, mod)}")
+        if len(r.write) == 1:
+            out.append(f"  .if ({r.done} == 0) {{ {r.write[0]} }}")
+        else:
+            out += [f"  .if ({r.done} == 0) {{", *(f"    {c}" for c in r.write), "  }"]
+    out.append("  $$ phase 3 - read back")
+    for r in ranges:
+        out += [
+            f"  .if {r.done} {{",
+            f'    .echo "tagsplit: OK {_label(r.i, r.patch, mod)}{words.ok}"',
+            "  } .else {",
+            f'    .echo "tagsplit: FAILED {_label(r.i, r.patch, mod)}{words.failed}"',
+            "    r $t3 = @$t3 + 1",
+            "  }",
+        ]
+    out += [
+        "  .if (@$t3 == 0) {",
+        f'    .echo "tagsplit: {words.all_ok}"',
+        "  } .else {",
+        f'    .echo "tagsplit: {words.some_failed}"',
+        "  }",
+        "}",
+    ]
+    return "\n".join(out) + "\n"
+
+
 def render_apply(plan: Plan, *, module: str | None = None) -> str:
     """The apply script for `plan` (code-scope patches only: the resident driver).
 
@@ -263,112 +397,99 @@ def render_apply(plan: Plan, *, module: str | None = None) -> str:
         PlanError: the module name cannot be written in a MASM expression.
     """
     mod = _modexpr(plan, module)
-    patches = _numbered(plan)
-    out = _header(plan, mod, "apply", len(patches))
-    out += ["", "r $t0 = 0", "r $t3 = 0", *_identity(plan, mod)]
-    for i, p in patches:
-        out += _guard(
-            mod,
+    ranges = [
+        _Range(
             i,
             p,
-            _candidates(plan, p, [p.original, p.replacement]),
-            "the original nor the replacement bytes",
+            accept=[_match(mod, p.rva, c, r) for c, r in _candidates(plan, p, [p.original, p.replacement])],
+            done=_match(mod, p.rva, p.replacement),
+            write=[_eb(mod, p.rva, p.replacement)],
         )
-    out += [
-        "",
-        ".if (@$t0 != 0) {",
-        '  .echo "tagsplit: nothing written - the target differs from the plan (see DIFFERS / NOT PRESENT above)"',
-        "} .else {",
-        "  $$ phase 2 - writes, stubs before the calls redirected into them",
+        for i, p in _numbered(plan)
     ]
-    for i, p in sorted(patches, key=lambda ip: (not _is_stub(ip[1]), ip[1].rva)):
-        out += [
-            f"  $$ write {_label(i, p, mod)}",
-            f"  .if ({_match(mod, p.rva, p.replacement)} == 0) {{ {_eb(mod, p.rva, p.replacement)} }}",
-        ]
-    out.append("  $$ phase 3 - read back")
-    for i, p in patches:
-        out += [
-            f"  .if {_match(mod, p.rva, p.replacement)} {{",
-            f'    .echo "tagsplit: OK {_label(i, p, mod)}"',
-            "  } .else {",
-            f'    .echo "tagsplit: FAILED {_label(i, p, mod)} - the write did not take, HVCI or Memory integrity on?"',
-            "    r $t3 = @$t3 + 1",
-            "  }",
-        ]
-    out += [
-        "  .if (@$t3 == 0) {",
-        f'    .echo "tagsplit: applied - all {len(patches)} patches verified"',
-        "  } .else {",
-        '    .echo "tagsplit: FAILED - some patches did not take, run the revert script now"',
-        "  }",
-        "}",
-    ]
-    return "\n".join(out) + "\n"
+    words = _Wording(
+        kind="apply",
+        differs="neither the original nor the replacement bytes",
+        stubs_first=True,
+        writes="writes, stubs before the calls redirected into them",
+        verb="write",
+        ok="",
+        failed=" - the write did not take, HVCI or Memory integrity on?",
+        all_ok=f"applied - all {len(ranges)} patches verified",
+        some_failed="FAILED - some patches did not take, run the revert script now",
+    )
+    return _render(plan, mod, ranges, words, [])
+
+
+def _reverted(mod: str, plan: Plan, p: Patch) -> str:
+    """The range holds what revert restores (the original, its relocated fields for this load address) or, never
+    written, one of the loader's resident forms.
+
+    Not the original's file form where a field is relocated: in a rebased driver only a revert that died between
+    its `eb` and its `ed` leaves that, and it is wrong code, so the next run must finish the job."""
+    relocs = _restore_relocs(plan, p)
+    conds = [_match(mod, p.rva, _wildcard(p.original, relocs), relocs)]
+    for alt in p.resident_alternatives:
+        cond = _match(mod, p.rva, alt, _relocated(plan, p, alt))
+        if cond not in conds:
+            conds.append(cond)
+    return conds[0] if len(conds) == 1 else "(" + " or ".join(conds) + ")"
+
+
+def _revertible(mod: str, plan: Plan, p: Patch) -> list[str]:
+    """Revert guard: the range holds, byte by byte, the replacement, the original or the resident form it was
+    applied over, each alternative in turn (a range held one form before apply, never a mix of two).
+
+    That covers the replacement and every untouched form, a range torn by apply's `eb`, and one torn again by this
+    script's own `eb` or by its `ed` of a relocated field. A wildcarded byte of a resident form is the loader's and
+    cannot be checked, as in the apply guard."""
+    forms = _candidates(plan, p, [p.replacement, p.original])
+    if len(forms) == 2:
+        return [_bytewise(mod, p.rva, forms)]
+    return [_bytewise(mod, p.rva, [*forms[:2], alt]) for alt in forms[2:]]
 
 
 def render_revert(plan: Plan, *, module: str | None = None) -> str:
-    """The revert script for `plan`: restores the plan's original bytes where the replacement is found.
+    """The revert script for `plan`: restores the plan's original bytes in every range that holds the replacement or
+    is torn (each byte the replacement's or the original's, as a crash in the middle of an `eb` leaves it).
 
     Raises:
         PlanError: the module name cannot be written in a MASM expression.
     """
     mod = _modexpr(plan, module)
-    patches = _numbered(plan)
-    out = _header(plan, mod, "revert", len(patches))
-    alts = [i for i, p in patches if p.resident_alternatives]
+    numbered = _numbered(plan)
+    ranges = [
+        _Range(
+            i,
+            p,
+            accept=_revertible(mod, plan, p),
+            done=_reverted(mod, plan, p),
+            write=_restore(mod, p, _restore_relocs(plan, p)),
+        )
+        for i, p in numbered
+    ]
+    notes = [
+        "$$ A range torn by a crash in the middle of an eb or ed (some bytes new, some old) passes phase 1 if",
+        "$$ every byte is the replacement's or the original's (or a resident form's), and is restored.",
+    ]
+    alts = [i for i, p in numbered if p.resident_alternatives]
     if alts:
-        out += [
+        notes += [
             f"$$ Patches {', '.join(map(str, alts))} may have held a resident form the loader wrote before they were",
             "$$ applied. A script cannot know which form it was, so it restores the plan's original, the file form,",
             "$$ which is equivalent code, except that pointer fields the loader relocates (x86 call via an absolute",
             "$$ IAT address) are recomputed for the module's load address. tagsplit.live revert restores the exact",
             "$$ bytes it journalled.",
         ]
-    out += ["", "r $t0 = 0", "r $t3 = 0", *_identity(plan, mod)]
-    for i, p in patches:
-        out += _guard(
-            mod,
-            i,
-            p,
-            _candidates(plan, p, [p.replacement, p.original]),
-            "the replacement nor the original bytes",
-        )
-    out += [
-        "",
-        ".if (@$t0 != 0) {",
-        '  .echo "tagsplit: nothing written - the target differs from the plan (see DIFFERS / NOT PRESENT above)"',
-        "} .else {",
-        "  $$ phase 2 - restore, calls before the stubs they jump into",
-    ]
-    for i, p in sorted(patches, key=lambda ip: (_is_stub(ip[1]), ip[1].rva)):
-        out += [
-            f"  $$ restore {_label(i, p, mod)}",
-            f"  .if {_match(mod, p.rva, p.replacement)} {{",
-            *(f"    {c}" for c in _restore(mod, p, _restore_relocs(plan, p))),
-            "  }",
-        ]
-    out.append("  $$ phase 3 - read back")
-    for i, p in patches:
-        relocs = _restore_relocs(plan, p)
-        if relocs:  # exactly what was restored: the original with its pointer fields relocated
-            restored = _match(mod, p.rva, _wildcard(p.original, relocs), relocs)
-        else:
-            restored = " or ".join(_match(mod, p.rva, c, r) for c, r in _candidates(plan, p, [p.original]))
-        out += [
-            f"  .if ({restored}) {{",
-            f'    .echo "tagsplit: OK {_label(i, p, mod)} restored"',
-            "  } .else {",
-            f'    .echo "tagsplit: FAILED {_label(i, p, mod)} still differs from the original"',
-            "    r $t3 = @$t3 + 1",
-            "  }",
-        ]
-    out += [
-        "  .if (@$t3 == 0) {",
-        f'    .echo "tagsplit: reverted - all {len(patches)} ranges hold their original bytes"',
-        "  } .else {",
-        '    .echo "tagsplit: FAILED - some ranges were not restored"',
-        "  }",
-        "}",
-    ]
-    return "\n".join(out) + "\n"
+    words = _Wording(
+        kind="revert",
+        differs="a byte from neither the replacement nor the original",
+        stubs_first=False,
+        writes="restore, calls before the stubs they jump into",
+        verb="restore",
+        ok=" restored",
+        failed=" still differs from the original",
+        all_ok=f"reverted - all {len(ranges)} ranges hold their original bytes",
+        some_failed="FAILED - some ranges were not restored",
+    )
+    return _render(plan, mod, ranges, words, notes)
