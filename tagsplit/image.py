@@ -15,6 +15,7 @@ import os
 import stat
 import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,7 @@ from .errors import ImageError, InputError, UnsupportedImageError
 
 if TYPE_CHECKING:
     import mmap
+    from collections.abc import Callable
 
 MACHINES = {0x8664: "x64", 0x14C: "x86"}
 _OTHER_MACHINES = {0xAA64: "ARM64", 0x1C4: "ARM (Thumb-2)", 0x1C0: "ARM", 0x200: "IA-64", 0xA641: "ARM64EC"}
@@ -43,6 +45,7 @@ MAX_FILE_SIZE = 512 << 20  # the largest shipped drivers are ~100 MiB; anything 
 MAX_VIRTUAL_EXCESS = 64 << 20
 MAX_PDATA_ENTRIES = 1 << 20  # the largest drivers have ~200,000 functions
 MAX_RELOCATIONS = 1 << 22
+THREADED_HASH_BYTES = 4 << 20
 UNW_FLAG_CHAININFO = 0x4
 
 
@@ -284,7 +287,7 @@ def parse(
         raise ImageError(f"{path}: {len(data):,} bytes is too large for a driver (limit {MAX_FILE_SIZE >> 20} MiB)")
     if data[:2] != b"MZ":
         raise ImageError(f"{path}: not a PE file (no MZ header)")
-    sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = _sha256_soon(data)
     if mapped_base is not None:
         try:
             data = _as_file_layout(data)
@@ -299,6 +302,23 @@ def parse(
     # No pe.close(): for a PE made from bytes it only runs gc.collect(), a full collection that costs 10-100 ms per
     # file in a large process (folder scans, test runs) and frees nothing here.
     return _build(pe, data, path, sha256, mapped_base, imports_from)
+
+
+def _sha256_soon(data: bytes) -> Callable[[], str]:
+    """The SHA-256 of `data`, to be asked for later: a large image is hashed in a thread (hashlib lets go of the
+    interpreter lock while it hashes) while its headers and tables are read."""
+    if len(data) < THREADED_HASH_BYTES:
+        digest = hashlib.sha256(data).hexdigest()
+        return lambda: digest
+    out: list[str] = []
+    thread = threading.Thread(target=lambda: out.append(hashlib.sha256(data).hexdigest()), daemon=True)
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        return out[0] if out else hashlib.sha256(data).hexdigest()
+
+    return result
 
 
 def _as_file_layout(mem: bytes) -> bytes:
@@ -380,7 +400,12 @@ def code_file_ranges(data: bytes | mmap.mmap) -> list[tuple[int, int]] | None:
 
 
 def _build(
-    pe: pefile.PE, data: bytes, path: str, sha256: str, mapped_base: int | None, imports_from: Image | None
+    pe: pefile.PE,
+    data: bytes,
+    path: str,
+    sha256: Callable[[], str],
+    mapped_base: int | None,
+    imports_from: Image | None,
 ) -> Image:
     machine = pe.FILE_HEADER.Machine
     if machine not in MACHINES:
@@ -444,7 +469,7 @@ def _build(
     warnings.extend(str(w) for w in pe.get_warnings()[:5])
     return Image(
         path=path,
-        sha256=sha256,
+        sha256=sha256(),
         arch=arch,
         mapped=mapped,
         base=base,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import capstone
 import pytest
 from conftest import BIN, corpus_drivers
-from iced_x86 import Code, Decoder, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeInfo, OpCodeTableKind
+from iced_x86 import Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeInfo, OpCodeTableKind
 
 from tagsplit.image import Image, load
 from tagsplit.sites import decode, refs, stubs
@@ -291,24 +291,6 @@ def test_screen_covers_every_control_flow_and_risky_opcode() -> None:
         else:
             assert info.encoding != EncodingKind.LEGACY or 0x0F in decode._SCREEN, name
     assert {0xC4, 0xC5, 0x62, 0x8F, 0x0F} <= decode._SCREEN
-
-
-@pytest.mark.parametrize("bits", [64, 32])
-def test_canonical_forms_by_first_byte_and_length(bits: int) -> None:
-    """decode._canonical_at (first byte + length) picks out exactly the instructions iced decodes as the common
-    control-flow forms (`_FORMS`), over every opcode byte, every 0F second byte and every length."""
-    forms = decode._FORMS[bits]
-    for b0 in range(256):
-        for b1 in range(256) if b0 == 0x0F else (0x10,):
-            data = bytes([b0, b1]) + bytes(14)
-            ins = next(iter(Decoder(bits, data, ip=0x1000)))
-            if not ins:
-                continue
-            n = len(ins)
-            got = decode._canonical_at(data[:1], [n], data, [0])
-            kind = forms.get(ins.code, (None, 0))
-            expected = kind[0] not in (None, decode.INDIRECT) and kind[1] == n
-            assert bool(got) == expected, (bits, data[:n].hex(), ins.code)
 
 
 # --- byte searches ---------------------------------------------------------------------------------------------

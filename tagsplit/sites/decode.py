@@ -116,7 +116,13 @@ def _canonical(bits: int) -> dict[int, tuple[int, int]]:
 
 
 _FORMS = {64: _canonical(64), 32: _canonical(32)}
+# code -> length of its canonical encoding (INDIRECT codes are checked byte by byte instead)
+_CANONICAL = {bits: {c: n for c, (kind, n) in forms.items() if kind != INDIRECT} for bits, forms in _FORMS.items()}
 _INDIRECT = {bits: frozenset(c for c, (kind, _) in forms.items() if kind == INDIRECT) for bits, forms in _FORMS.items()}
+_BRANCH = {bits: frozenset(c for c, (kind, _) in forms.items() if kind in (JCC, JMP)) for bits, forms in _FORMS.items()}
+_NOFALL = {
+    bits: frozenset(c for c, (kind, _) in forms.items() if kind in (JMP, STOP)) for bits, forms in _FORMS.items()
+}
 _JMP_RM = {Code.JMP_RM64, Code.JMP_RM32}
 
 
@@ -203,8 +209,9 @@ def _layout(
         lay.checks,
     )
     rel32 = _REL32_AT
+    canonical = _CANONICAL[bits]
     mask = (1 << bits) - 1
-    indirect_codes = _INDIRECT[bits]
+    indirect_codes, branch_codes, nofall_codes = _INDIRECT[bits], _BRANCH[bits], _NOFALL[bits]
     marks = _PREFIX_MARKS[bits]
     prev_end = -1
     for begin, end in ranges:
@@ -239,14 +246,8 @@ def _layout(
             return None
         starts += pos
         sizes += lens
-        # Only instructions whose opcode byte is in `_SCREEN` can be control flow or risky. The common control-flow
-        # encodings are told apart by their first byte and length alone (`_canonical_at`); the others' codes are read.
-        first = _bytes_at(mem, pos)
-        canon = _canonical_at(first, lens, mem, pos)
-        cand = _screened(mem, pos, bits, first)
-        if canon:
-            done = set(canon)
-            cand = [k for k in cand if k not in done]
+        # Only instructions whose opcode byte is in `_SCREEN` can be control flow or risky: read their codes.
+        cand = _screened(mem, pos, bits)
         ccodes = [insns[k].code for k in cand]
         uniq = set(ccodes)
         for c in uniq.difference(_CLASS):
@@ -265,22 +266,13 @@ def _layout(
                 if k >= 0 and m.count(b"\x00", pos[k] - begin, q) == 0:
                     checks.append(base + k)
                 q = m.find(pair, q + 1)
-        if canon:
-            reldep += [base + k for k in canon]
-            br = [k for k in canon if _IS_BRANCH[first[k]]]
-            if br:
-                branches += [
-                    (base + k, (pos[k] + 2 + ((mem[pos[k] + 1] ^ 0x80) - 0x80)) & mask)
-                    if lens[k] == 2
-                    else (base + k, (pos[k] + lens[k] + rel32(mem, pos[k] + lens[k] - 4)[0]) & mask)
-                    for k in br
-                ]
-                passthru += [base + k for k in br]
-            nofall += [base + k for k in canon if _IS_NOFALL[first[k]]]
         if uniq.isdisjoint(_SPECIAL):
             continue
         sp = _SPECIAL
-        for k, c in [(k, c) for k, c in zip(cand, ccodes) if c in sp]:
+        # the common encodings, recognised by code and length (any prefix but REX makes it longer)
+        plain = [(k, c) for k, c in zip(cand, ccodes) if canonical.get(c, 0) == lens[k]]
+        reldep += [base + k for k, _ in plain]
+        for k, c in [(k, c) for k, c in zip(cand, ccodes) if c in sp and canonical.get(c, 0) != lens[k]]:
             s = pos[k]
             b0 = mem[s]
             if c in indirect_codes and (b0 == 0xFF or (bits == 64 and 0x40 <= b0 <= 0x4F and mem[s + 1] == 0xFF)):
@@ -291,6 +283,16 @@ def _layout(
             else:
                 text.append(base + k)
                 reldep.append(base + k)
+        br = [k for k, c in plain if c in branch_codes]
+        if br:
+            branches += [
+                (base + k, (pos[k] + 2 + ((mem[pos[k] + 1] ^ 0x80) - 0x80)) & mask)
+                if lens[k] == 2
+                else (base + k, (pos[k] + lens[k] + rel32(mem, pos[k] + lens[k] - 4)[0]) & mask)
+                for k in br
+            ]
+            passthru += [base + k for k in br]
+        nofall += [base + k for k, c in plain if c in nofall_codes]
         if max_checks is not None and len(checks) > max_checks:
             return None
     if len(checks) > 1:
@@ -332,9 +334,9 @@ def _bytes_at(mem: bytes, pos: list[int]) -> bytes:
     return bytes(operator.itemgetter(*pos)(mem))
 
 
-def _screened(mem: bytes, pos: list[int], bits: int, first: bytes) -> list[int]:
-    """Indices of the instructions at `pos` (whose first bytes are `first`) whose opcode byte is in `_SCREEN`."""
-    first = first.translate(_FIRST[bits])
+def _screened(mem: bytes, pos: list[int], bits: int) -> list[int]:
+    """Indices of the instructions at `pos` whose opcode byte is in `_SCREEN`."""
+    first = _bytes_at(mem, pos).translate(_FIRST[bits])
     if bits == 64 and b"\x02" in first:
         if pos[-1] + 1 < len(mem):
             second = _bytes_at(memoryview(mem)[1:], pos)  # type: ignore[arg-type]
@@ -349,40 +351,6 @@ def _screened(mem: bytes, pos: list[int], bits: int, first: bytes) -> list[int]:
     else:
         mask = first
     return list(compress(range(len(mask)), mask))
-
-
-# The common control-flow encodings without any prefix, by opcode byte: their length (jcc/jmp rel8, jmp/call rel32,
-# ret, ret imm16, int3, hlt; 0F: jcc rel32, checked on its second byte). An instruction whose first byte is one of
-# these and whose length is that length is that instruction, in both modes (a prefix would be its first byte).
-_CANON_LEN = bytearray(256)
-for _b in range(0x70, 0x80):
-    _CANON_LEN[_b] = 2
-_CANON_LEN[0xEB] = 2
-_CANON_LEN[0xE9] = _CANON_LEN[0xE8] = 5
-_CANON_LEN[0xC3] = _CANON_LEN[0xCC] = _CANON_LEN[0xF4] = 1
-_CANON_LEN[0xC2] = 3
-_CANON_LEN[0x0F] = 6
-_CANON = bytes(_CANON_LEN)
-_IS_BRANCH = [b in range(0x70, 0x80) or b in (0xEB, 0xE9, 0x0F) for b in range(256)]  # jcc/jmp rel
-_IS_NOFALL = [b in (0xEB, 0xE9, 0xC3, 0xC2, 0xCC, 0xF4) for b in range(256)]
-_IS_ZERO = bytes([1] + [0] * 255)
-_NONZERO = bytes([0] + [1] * 255)
-
-
-def _canonical_at(first: bytes, lens: list[int], mem: bytes, pos: list[int]) -> list[int]:
-    """Indices of the instructions that are one of the common control-flow encodings (`_CANON`), ascending."""
-    n = len(lens)
-    expect = first.translate(_CANON)
-    same = (int.from_bytes(expect, "little") ^ int.from_bytes(bytes(lens), "little")).to_bytes(n, "little")
-    hit = (
-        int.from_bytes(same.translate(_IS_ZERO), "little") & int.from_bytes(expect.translate(_NONZERO), "little")
-    ).to_bytes(n, "little")
-    out = list(compress(range(n), hit))
-    if b"\x0f" in first:
-        out = [k for k in out if first[k] != 0x0F or mem[pos[k] + 1] & 0xF0 == 0x80]
-    return out
-
-
 # Prefix bytes as marks: 1 a legacy prefix, 2 a REX prefix (x64), 0 anything else.
 _PREFIX_MARKS = {
     bits: bytes(1 if b in _LEGACY else 2 if bits == 64 and 0x40 <= b <= 0x4F else 0 for b in range(256))

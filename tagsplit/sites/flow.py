@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, overload
+from typing import TYPE_CHECKING, overload
 
 import capstone
 
@@ -52,13 +52,7 @@ class StepMemo:
 
     def __init__(self) -> None:
         self.text: dict[bytes, tuple[str, str]] = {}
-        self.steps: dict[tuple[bytes, Loc], Any] = {}  # a Loc, or an _ImmAt
-
-
-class _ImmAt(NamedTuple):
-    """A memoised constant origin: `origin` with its instruction's RVA left out (set again on each use)."""
-
-    origin: Origin
+        self.steps: dict[tuple[bytes, Loc], Loc] = {}
 
 
 class DecodeMismatch(Exception):
@@ -150,6 +144,7 @@ class FunctionCode:
         n = len(starts)
         self._range_first = lay.range_first
         self._text = [None] * n
+        self._index = None
         self._reldep = frozenset(lay.reldep)
         branches = lay.branches
         nofall = lay.nofall
@@ -172,10 +167,10 @@ class FunctionCode:
             branches.sort()
             self._register_branches.sort()
         preds = self.branch_preds
-        index = self._index = dict(zip(starts, range(n)))
+        bisect_left = bisect.bisect_left
         for k, t in branches:
-            kt = index.get(t)
-            if kt is not None:
+            kt = bisect_left(starts, t)
+            if kt < n and starts[kt] == t:
                 got = preds.get(kt)
                 if got is None:
                     preds[kt] = [k]
@@ -257,12 +252,9 @@ class FunctionCode:
         key = (self._mem[s : s + self.sizes[p]], loc)
         known = memo.steps.get(key)
         if known is not None:
-            return known.origin._replace(rva=s) if type(known) is _ImmAt else known
+            return known
         step = step_back(self.insn(p), loc, ctx)
-        if type(step) is Origin:
-            if step.kind == "imm" and step.rva == s:
-                memo.steps[key] = _ImmAt(step._replace(rva=None))
-        elif type(step) is not Fork:
+        if not isinstance(step, (Origin, Fork)):
             memo.steps[key] = step
         return step
 
@@ -304,14 +296,8 @@ class FunctionCode:
                         res = memo.get(known)
                         if res is None:
                             res = step_back(insn(p), loc, ctx)
-                            if type(res) is Origin:
-                                if res.kind == "imm" and res.rva == s:
-                                    # a constant's origin depends on the bytes only, but for its address
-                                    memo[known] = _ImmAt(res._replace(rva=None))
-                            elif type(res) is not Fork:
-                                memo[known] = res
-                        elif type(res) is _ImmAt:
-                            res = res.origin._replace(rva=s)
+                            if type(res) is not Origin and type(res) is not Fork:
+                                memo[known] = res  # type: ignore[assignment]
                     else:
                         res = step_back(insn(p), loc, ctx)
                     cache[key] = res
