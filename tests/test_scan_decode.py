@@ -426,3 +426,40 @@ def test_parallel_analysis_gives_the_same_scan(name: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(scan_mod, "PARALLEL_SEARCH_BYTES", 0)  # the byte searches split in two processes as well
     assert scan_mod.scan_image(image) == alone
     assert [scan_mod._unpack(scan_mod._pack(s)) for s in alone.sites] == list(alone.sites)
+
+
+# --- tag bytes in code (the cross-check) -------------------------------------------------------------------------
+
+
+_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 "
+
+
+@pytest.mark.parametrize("alphabet", [_LETTERS, bytes(range(256))], ids=["letters", "bytes"])
+@pytest.mark.parametrize("window_cost", [0, 250, 10**9])  # always the one pass, as chosen, always per tag
+def test_tag_occurrences_agree_with_brute_force(
+    alphabet: bytes, window_cost: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scan._occurrences finds every (overlapping) occurrence of every tag, whichever of its two methods it uses."""
+    from tagsplit.sites import scan as scan_mod
+
+    monkeypatch.setattr(scan_mod, "WINDOW_COST", window_cost)
+    rnd = random.Random(11)
+    tags = sorted({int.from_bytes(bytes(rnd.choice(alphabet) for _ in range(4)), "little") for _ in range(60)})
+    buf = bytearray(rnd.getrandbits(8) for _ in range(100_000))
+    for _ in range(1000):  # plant tags, some overlapping others
+        p = rnd.randrange(0, len(buf) - 8)
+        buf[p : p + 4] = struct.pack("<I", rnd.choice(tags))
+    buf[1000:1012] = b"AAAAAAAAAAAA"
+    tags.append(int.from_bytes(b"AAAA", "little"))
+    mem = bytes(buf)
+    spans = [(0, 40_000), (40_002, len(mem) - 5)]
+    by_bytes = {struct.pack("<I", v): v for v in tags}
+    want: dict[int, list[int]] = {v: [] for v in tags}
+    for b, e in spans:
+        for p in range(b, e - 3):
+            v = by_bytes.get(mem[p : p + 4])
+            if v is not None:
+                want[v].append(p)
+    assert sum(map(len, want.values())) >= 900
+    assert scan_mod._occurrences(mem, spans, tags) == want
+    assert scan_mod._occurrences(mem, spans, tags[:3]) == {v: want[v] for v in tags[:3]}  # (a few: per tag)

@@ -7,6 +7,7 @@ import gc
 import marshal
 import multiprocessing
 import os
+import re
 import struct
 from collections import defaultdict
 from contextlib import contextmanager
@@ -562,19 +563,44 @@ def unexplained(image: Image, sites: list[CallSite], values: Iterable[int]) -> d
         ts = s.tag_source
         if ts.rva is not None and ts.imm_offset is not None:
             explained.add(ts.rva + ts.imm_offset)
-    out: dict[int, tuple[int, ...]] = {}
     mem = image.mem
-    for v in sorted({v & 0xFFFFFFFF for v in values}):
-        needle = struct.pack("<I", v)
-        hits = []
-        for sec in image.code_sections():
-            pos = mem.find(needle, sec.rva, sec.end)
+    wanted = sorted({v & 0xFFFFFFFF for v in values})
+    found = _occurrences(mem, [(sec.rva, sec.end) for sec in image.code_sections()], wanted)
+    return {v: tuple(p for p in found[v] if p not in explained) for v in wanted}
+
+
+def _occurrences(mem: bytes, spans: list[tuple[int, int]], values: list[int]) -> dict[int, list[int]]:
+    """Every position in `spans` where one of the dwords `values` is stored, by value (overlaps included)."""
+    needles = {struct.pack("<I", v): v for v in values}
+    out: dict[int, list[int]] = {v: [] for v in values}
+    marks = bytes(1 if b in set(b"".join(needles)) else 0 for b in range(256))
+    for begin, end in spans:
+        runs: list[re.Match[bytes]] = []
+        if len(needles) > FEW_NEEDLES:
+            # Many tags (a whole driver's): a needle can only start where four bytes in a row come from the tags'
+            # alphabet (mostly letters); those runs are found in C and only their windows are looked up, unless
+            # the windows are so many that a search per tag costs less.
+            runs = list(_RUN4.finditer(mem[begin:end].translate(marks)))
+            if sum(r.end() - r.start() - 3 for r in runs) * WINDOW_COST > len(needles) * (end - begin):
+                runs = []
+        if runs:
+            for run in runs:
+                for p in range(begin + run.start(), begin + run.end() - 3):
+                    v = needles.get(mem[p : p + 4])
+                    if v is not None:
+                        out[v].append(p)
+            continue
+        for needle, v in needles.items():
+            pos = mem.find(needle, begin, end)
             while pos >= 0:
-                if pos not in explained:
-                    hits.append(pos)
-                pos = mem.find(needle, pos + 1, sec.end)
-        out[v] = tuple(hits)
+                out[v].append(pos)
+                pos = mem.find(needle, pos + 1, end)
     return out
+
+
+FEW_NEEDLES = 8
+WINDOW_COST = 250  # a window looked up in Python costs about as much as searching this many bytes per tag
+_RUN4 = re.compile(rb"\x01{4,}", re.S)
 
 
 CROSS_CHECK_ALL_BELOW = 4 << 20
