@@ -573,7 +573,8 @@ def _occurrences(mem: bytes, spans: list[tuple[int, int]], values: list[int]) ->
     """Every position in `spans` where one of the dwords `values` is stored, by value (overlaps included)."""
     needles = {struct.pack("<I", v): v for v in values}
     out: dict[int, list[int]] = {v: [] for v in values}
-    marks = bytes(1 if b in set(b"".join(needles)) else 0 for b in range(256))
+    alphabet = set(b"".join(needles))
+    marks = bytes(1 if b in alphabet else 0 for b in range(256))
     for begin, end in spans:
         runs: list[re.Match[bytes]] = []
         if len(needles) > FEW_NEEDLES:
