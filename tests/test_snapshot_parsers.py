@@ -590,6 +590,46 @@ def test_fast_paths_are_taken() -> None:
         assert None not in results, name
 
 
+def _aligned_poolused_texts() -> list[str]:
+    """Tables whose numbers all fit their columns (as the benchmark's): `_aligned_numbers` reads them."""
+    rng = random.Random(8)
+    usages = [
+        TagUsage(tag, *(rng.choice((0, 7, 12345, 10**6)) for _ in range(8)), rng.choice(("desc", " x\ty ", "A, b")))
+        for tag in ["Tsp1", "AGP ", " rx.", "Ab c", "kd> ", "0123", "Mm  ", "TOTA"]
+    ]
+    # Its last two numbers have several digits, and the last one with the blanks before it fills its column: were
+    # the one before a digit shorter at the end, `_unglue` would cut the last one.
+    usages.append(TagUsage("Wide", 12345, 1000000, 12345, 1000000, 12345, 0, 12345, 0, "desc"))
+    return [render_poolused(usages, flags) for flags in (0, 1, 2, 4)]
+
+
+def test_aligned_numbers_are_taken() -> None:
+    spy, results = _recording(parse_module._aligned_numbers)
+    with mock.patch.object(parse_module, "_aligned_numbers", spy):
+        for text in _aligned_poolused_texts():
+            assert len(parse_poolused(text)) == 9
+    assert results
+    assert None not in results
+
+
+_SAME_LENGTH = [" ", "0", "9", "-", ",", ".", "e", "E", "+", "_", "[", "]", "{", '"', "t", "\t", "\r", "\x0b", "١"]
+
+
+@pytest.mark.parametrize("text", _aligned_poolused_texts()[:2], ids=["flags 0", "flags 1"])
+def test_aligned_numbers_read_like_the_line_patterns(text: str) -> None:
+    """Every character of a row's numbers replaced in turn (the row keeps its length, so the piece is still read by
+    `_aligned_numbers` unless it refuses it): the fast paths read as the full patterns, or give up."""
+    lines = text.split("\n")
+    for tag in (" Mm  ", " Wide"):
+        index = next(i for i, line in enumerate(lines) if line.startswith(tag))
+        line = lines[index]
+        for pos in range(5, line.index("\t") + 1):
+            for char in _SAME_LENGTH:
+                mutated = [*lines[:index], line[:pos] + char + line[pos + 1 :], *lines[index + 1 :]]
+                fast, full = _both_paths(parse_poolused, "\n".join(mutated))
+                assert fast == full, (tag, pos, char)
+
+
 def test_hex_words() -> None:
     words = parse_module._hex_words
     assert words(["fffffa8000c77000", "fffff800`12345678"]) == [0xFFFFFA8000C77000, 0xFFFFF80012345678]

@@ -25,9 +25,11 @@ used (`_pieces`).
   (a newline, a blank line, a header), and each distinct one is checked once to be made of noise lines and to hold
   no data line that the loose pattern missed. `!poolfind` lines are an address and a tail that repeats (sizes and
   tags do): each distinct tail is read once with the full groups, and the addresses of a piece are converted by one
-  `bytes.fromhex`. The numbers of a `!poolused` piece are split into words in one go and converted by `int`. A fast path
-  reads only lines that the full patterns read the same way; on anything else it gives up (returns None) and the
-  full path reads the region: tests/test_snapshot_parsers.py compares the two on mutated logs.
+  `bytes.fromhex`. The numbers of a `!poolused` piece whose columns line up, as WinDbg prints them, become the
+  text of one JSON array (a comma put where each number of a row ends) that the C decoder converts: no word objects,
+  and faster than `int` (`_aligned_numbers`); other pieces are split into words in one go and converted by `int`.
+  A fast path reads only lines that the full patterns read the same way; on anything else it gives up (returns None)
+  and the full path reads the region: tests/test_snapshot_parsers.py compares the two on mutated logs.
 - Full paths: per region, one `Pattern.split` or `findall` with the full patterns, columns converted with `map`.
   When a line is neither data nor noise, the region is scanned again line by line (`_scan`) to name it.
 - The records are tuples (model.py), made in one C loop with the cyclic garbage collector paused.
@@ -35,6 +37,7 @@ used (`_pieces`).
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from array import array
@@ -186,12 +189,14 @@ def _header_lines(text: str, needle: str, pattern: re.Pattern[str], limit: int =
     """Matches of a header `pattern` on the lines that contain `needle` (str.find is far cheaper than a scan); the
     first `limit` only if `limit` is not negative."""
     found: list[re.Match[str]] = []
-    pos = text.find(needle)
-    while pos >= 0 and len(found) != limit:
+    pos = text.find(needle) if limit else -1
+    while pos >= 0:
         start, end = _line_at(text, pos)
         match = pattern.match(text, start, end)
         if match:
             found.append(match)
+            if len(found) == limit:
+                break  # rather than look for the needle through the rest of the text
         pos = text.find(needle, end)
     return found
 
@@ -235,14 +240,15 @@ def _after_line(text: str, match: re.Match[str]) -> int:
 _PIECE = 1 << 16  # characters
 
 
-def _pieces(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """[start, end) cut at line ends into pieces of about _PIECE characters (`start` is a line start).
+def _pieces(text: str, start: int, end: int, scale: int = 1) -> Iterator[tuple[int, int]]:
+    """[start, end) cut at line ends into pieces of about `scale` * _PIECE characters (`start` is a line start).
 
     The fast paths work piece by piece: the strings and lists made for a piece fit the CPU caches and are freed
     before the next piece, which is faster than holding a million short strings for the whole log.
     """
+    size = _PIECE * scale
     while start < end:
-        cut = text.find("\n", start + _PIECE, end)
+        cut = text.find("\n", start + size, end)
         cut = end if cut < 0 else cut + 1
         yield start, cut
         start = cut
@@ -336,16 +342,14 @@ def _poolfind_fast(text: str, start: int, end: int, pool: str, new: bool) -> lis
         if parts is None:
             return None
         tails = parts[2::3]
-        rest = list(map(fields.get, tails))
-        if None in rest:  # new tails (most are in the first pieces)
-            fresh = list(set(tails).difference(fields))
-            if not (_add_new_tails if new else _add_classic_tails)(fields, fresh, pool):
-                return None
-            rest = list(map(fields.__getitem__, tails))
+        # Most pieces bring a few new tails (a log has thousands of distinct ones), so look for them right away.
+        fresh = set(tails).difference(fields)
+        if fresh and not (_add_new_tails if new else _add_classic_tails)(fields, list(fresh), pool):
+            return None
         addresses = _hex_words(parts[1::3])
         if addresses is None:
             return None
-        blocks += from_rows(PoolBlock, map(add, zip(addresses), rest))
+        blocks += from_rows(PoolBlock, map(add, zip(addresses), map(fields.__getitem__, tails)))
     return blocks
 
 
@@ -512,8 +516,9 @@ def _poolused_pattern(tag_column: int, columns: int) -> re.Pattern[str]:
 @cache
 def _poolused_fast_patterns(
     tag_column: int, columns: int, width: int
-) -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
-    """The `_split_rows` patterns of `_poolused_fast`: the narrow row, the other lines (TOTAL and noise), the full row.
+) -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """The `_split_rows` patterns of `_poolused_fast`: the loose and the narrow row, the other lines (TOTAL and noise),
+    the full row.
 
     The narrow row is the tag, a blank, the numbers up to the first TAB, and the description. `_poolused_fast` checks
     that the numbers are `columns` numbers separated by blanks (checking the runs of a whole piece at once is cheaper
@@ -523,13 +528,18 @@ def _poolused_fast_patterns(
     that `_unglue` could cut (more than one blank before it and, with them, longer than `width`) and a last number of
     `width` characters or more. A line that only the full row matches (it may match a noise pattern too: a tag can
     be 'kd> '; a row without a description has no TAB) must not pass as noise.
-    Groups of the narrow row: tag, the numbers, the description (not stripped).
+    The loose row is the narrow one without the look-behinds, which take about a sixth of the time of the split:
+    `_aligned_numbers` makes the same checks for a whole piece at once.
+    Groups of both rows: tag, the numbers, the description (not stripped).
     """
     cut = "|".join(" " * blanks + "[0-9-]" * (width + 1 - blanks) + r"\t" for blanks in range(2, width + 1))
-    # `[^\t]*` is the fastest loop (it may run on into the next line: such a run is refused for its newline).
-    row = " " * tag_column + r"(.{4})( [^\t]*)\t(?<=[0-9]\t)(?<![0-9-]{" + str(width) + r"}\t)(?<!" + cut + r")(.*)"
+    # `[^\t]*` is the fastest loop (it may run on into the next line: such a run is refused for its newline). `....`
+    # is a little faster than `.{4}`, and `(.*)` always ends at the end of the line.
+    loose = " " * tag_column + r"(....)( [^\t]*)\t(.*)"
+    row = " " * tag_column + r"(....)( [^\t]*)\t(?<=[0-9]\t)(?<![0-9-]{" + str(width) + r"}\t)(?<!" + cut + r")(.*)"
     return (
-        re.compile("^(?:" + row + ")$", re.MULTILINE),
+        re.compile("^" + loose, re.MULTILINE),
+        re.compile("^" + row, re.MULTILINE),
         _line_pattern(_poolused_total_row(columns), *_NOISE_COMMON, *_NOISE_POOLUSED),
         re.compile("^(?:" + _poolused_row(tag_column, columns) + ")$", re.MULTILINE),
     )
@@ -632,47 +642,126 @@ def _usages(tag: Iterable[str], numbers: Sequence[Iterable[int]], description: I
     return records(TagUsage, tag, np_outstanding, np_bytes, p_outstanding, p_bytes, *counters, description)
 
 
-# White space that bytes.split() splits at besides blanks (a run holds no TAB), and what int() takes besides -?[0-9]+.
-_NOT_IN_RUNS = (b"\n", b"\r", b"\v", b"\f", b"+", b"_")
-
-
 def _poolused_fast(
     text: str, start: int, end: int, tag_column: int, columns: int, width: int
 ) -> tuple[list[TagUsage], list[str]] | None:
     """The rows of a table body [start, end) if all are in the narrow layout, and its TOTAL lines; else None.
 
-    The numbers of a piece are read in one go: the runs joined with '|' between rows, as bytes (faster to split and to
-    convert), are split into words at blanks (no other white space, '+' or '_' may be there), which must give
-    `columns` words then '|' for every row, and `int` must take every word: then each is `-?[0-9]+`.
+    The numbers of a piece are read in one go from the runs after the tags, which the row patterns hardly check: by
+    `_aligned_numbers` when the columns line up, else by `_split_numbers`.
     """
-    row, other, full_row = _poolused_fast_patterns(tag_column, columns, width)
+    loose, row, other, full_row = _poolused_fast_patterns(tag_column, columns, width)
     total = _total_pattern(columns)
     usages: list[TagUsage] = []
     totals: list[str] = []
-    for lo, hi in _pieces(text, start, end):
-        parts = _split_rows(row, other, text, lo, hi, full_row)
+    pattern = loose
+    # Larger pieces than for !poolfind: a !poolused row is longer, and fewer rounds of this loop are faster
+    # (bench_report.py: 4 times _PIECE is a few per cent faster than _PIECE).
+    for lo, hi in _pieces(text, start, end, 4):
+        # The loose row takes every line that the narrow one takes: if other lines are left, the narrow one leaves
+        # them too.
+        parts = _split_rows(pattern, other, text, lo, hi, full_row)
         if parts is None:
             return None
+        flat = _aligned_numbers(parts[2::4], columns, width)
+        if flat is None:
+            if pattern is loose:
+                # The columns do not line up (a number wider than its column, say), and `_split_numbers` needs the
+                # narrow row's look-behinds. Later pieces may not line up either: they are split with the narrow row
+                # at once, one split each (`_aligned_numbers` still reads those that line up).
+                pattern = row
+                parts = _split_rows(row, other, text, lo, hi, full_row)
+                if parts is None:
+                    return None
+            flat = _split_numbers(parts[2::4], columns)
+            if flat is None:
+                return None
         gaps = parts[::4]  # the other lines: a TOTAL row can only be there
         for gap in set(gaps):
             if "TOTAL" in gap:
                 totals += [line for line in gap.split("\n") if total.fullmatch(line)] * gaps.count(gap)
-        count = len(parts) // 4
-        if not count:
-            continue
-        runs = " | ".join(parts[2::4]).encode()  # bytes: split and int are faster on them
-        if any(space in runs for space in _NOT_IN_RUNS):
-            return None
-        words = runs.split()
-        if len(words) != count * (columns + 1) - 1 or words[columns :: columns + 1].count(b"|") != count - 1:
-            return None
-        del words[columns :: columns + 1]
-        try:
-            flat = list(map(int, words))
-        except ValueError:
-            return None
         usages += _usages(parts[1::4], [flat[i::columns] for i in range(columns)], map(str.strip, parts[3::4]))
     return usages, totals
+
+
+_JSON = json.JSONDecoder()
+_NUMBER_END = re.compile(r"[0-9-](?![0-9-])")
+
+
+def _aligned_numbers(runs: list[str], columns: int, width: int) -> list[int] | None:
+    """The numbers of `runs` (of loose or narrow rows), row after row, if every run has the columns of the first one
+    and ends its last number as the narrow row does; else None (also for a number that JSON does not read: '007').
+
+    WinDbg right-aligns each column in a fixed width, so this is the usual case, and the one that needs no word
+    objects: a comma put at the blank after each number of the first run, in every run, and commas between the
+    runs, make the json_text of one JSON array, which the C decoder converts faster than `int` converts words (the
+    conversion is most of the time of a parse). A number that is longer than its column moves the ones after it:
+    such a piece goes the narrow way, with `_split_numbers`.
+
+    JSON reads the numbers as the full row does: the json_text is only ASCII digits, '-', blanks and the commas, the
+    array must hold exactly `columns` values per run (one per comma-separated part), and JSON numbers made of those
+    characters are `-?[0-9]+` (without leading zeros) with the value `int` gives them. What the narrow row's
+    look-behinds check is checked for all runs at once: each ends with a digit, and the last number starts after
+    the same blank in each, no more than `width` characters from the end (so `_unglue` leaves it whole).
+    """
+    count = len(runs)
+    if not count:
+        return []
+    length = len(runs[0])
+    stride = length + 1  # a run and the comma after it
+    ends = [m.end() for m in _NUMBER_END.finditer(runs[0])]
+    if len(ends) != columns or ends[-1] != length or length - ends[-2] > width:
+        return None
+    try:
+        json_text = bytearray(",".join(runs), "ascii")
+    except UnicodeEncodeError:
+        return None
+    separators = b"," * (count - 1)
+    # Without the digits, '-' and blanks, only the commas put between the runs may be left, and they must be where
+    # runs of the first one's length put them.
+    if json_text.translate(None, b"0123456789- ") != separators or json_text[stride - 1 :: stride] != separators:
+        return None
+    if not (json_text[length - 1 :: stride].isdigit() and json_text[ends[-2] - 1 :: stride].isdigit()):
+        return None
+    blanks = b" " * count
+    commas = b"," * count
+    for end in ends[:-1]:
+        if json_text[end::stride] != blanks:
+            return None
+        json_text[end::stride] = commas
+    json_text[0] = ord("[")  # in the place of the blank that starts every run
+    json_text.append(ord("]"))
+    try:
+        numbers: list[int] = _JSON.decode(json_text.decode())
+    except ValueError:
+        return None
+    return numbers if len(numbers) == count * columns else None
+
+
+# White space that bytes.split() splits at besides blanks (a run holds no TAB), and what int() takes besides -?[0-9]+.
+_NOT_IN_RUNS = (b"\n", b"\r", b"\v", b"\f", b"+", b"_")
+
+
+def _split_numbers(runs: list[str], columns: int) -> list[int] | None:
+    """The numbers of `runs`, row after row, if each run holds `columns` of them (`-?[0-9]+`, apart by blanks);
+    else None.
+
+    The runs joined with '|' between rows, as bytes (faster to split and to convert), are split into words at blanks
+    (no other white space, '+' or '_' may be there), which must give `columns` words then '|' for every row, and `int`
+    must take every word: then each is `-?[0-9]+`.
+    """
+    count = len(runs)
+    joined = " | ".join(runs).encode()
+    if any(space in joined for space in _NOT_IN_RUNS):
+        return None
+    words = joined.split()
+    if len(words) != count * (columns + 1) - 1 or words[columns :: columns + 1].count(b"|") != count - 1:
+        return None
+    del words[columns :: columns + 1]
+    try:
+        return list(map(int, words))
+    except ValueError:
+        return None
 
 
 def _poolused_full(text: str, start: int, end: int, tag_column: int, columns: int, width: int) -> list[TagUsage]:
@@ -849,15 +938,15 @@ def detect_format(text: str) -> str:
     """
     text = _normalize(text)
     found = []
-    if _header_lines(text, "Allocs", _PU_HEADER):
+    if _header_lines(text, "Allocs", _PU_HEADER, limit=1):
         found.append(model.POOLUSED)
     if (
-        _header_lines(text, "Scanning large pool allocation table", _FIND_HEADER)
-        or _header_lines(text, "Searching ", _FIND_HEADER)
+        _header_lines(text, "Scanning large pool allocation table", _FIND_HEADER, limit=1)
+        or _header_lines(text, "Searching ", _FIND_HEADER, limit=1)
         or _FIND_ANY_ROW.search(text)
     ):
         found.append(model.POOLFIND)
-    if _header_lines(text, "Per Alloc", _PM_HEADER):
+    if _header_lines(text, "Per Alloc", _PM_HEADER, limit=1):
         found.append(model.POOLMON)
     if not found:
         raise DebuggerOutputError("not !poolused, !poolfind or PoolMon output (no header line or block line found)")
