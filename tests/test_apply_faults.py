@@ -277,7 +277,8 @@ def _memory(s: PykdStandIn, mod: str) -> bytes:
     """The module's memory, page by page (the stand-in's `module_memory` reads byte by byte: too slow here)."""
     info = s.module_info(mod)
     start = s._canon(info.begin)
-    assert start is not None
+    if start is None:
+        raise LookupError(f"{mod} is not mapped in the stand-in")
     pages = bytearray()
     for n in range(start // PAGE, (start + info.size - 1) // PAGE + 1):
         pages += s._pages[n]

@@ -382,7 +382,7 @@ def test_code_file_ranges_is_conservative() -> None:
     for path in sorted(BIN.glob("*.sys")):
         data = path.read_bytes()
         ranges = image_mod.code_file_ranges(data)
-        assert ranges is not None
+        assert ranges is not None, f"{path.name}: a valid driver must get ranges, not the None that means 'use parse'"
         image = parse(data, str(path))
         for sec in image.code_sections():
             if sec.raw_size:

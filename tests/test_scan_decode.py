@@ -156,7 +156,7 @@ def test_partial_decoding_stops_only_where_nothing_branches_back(path: Path) -> 
             continue
         for upto in (full.starts[len(full.starts) // 3], full.starts[len(full.starts) // 2]):
             part = decode.layout(image.mem, ranges, bits, None, upto)
-            assert part is not None
+            assert part is not None, f"{path.name}: iced decoded the whole function but not its first part"
             n = len(part.starts)
             assert part.starts == full.starts[:n]
             assert part.sizes == full.sizes[:n]
@@ -186,7 +186,7 @@ def test_partial_decoding_sees_any_jump_back(opcode: str) -> None:
         assert lay is None or lay.complete[0], opcode  # None: capstone's sweep decodes it all
         quiet = b"\xcc" * 0x1000 + head + b"\x90" * len(back) + b"\xc3" + b"\xcc" * 64
         part = decode.layout(quiet, ranges, bits, None, 0x1010)
-        assert part is not None
+        assert part is not None, "plain NOPs and a ret must decode with iced"
         assert not part.complete[0]
         assert part.starts[-1] == 0x1016  # the site and the instruction after it
 

@@ -54,8 +54,8 @@ SAMPLES = sorted(DATA.glob("*.txt"))
 
 def _load_regen() -> ModuleType:
     spec = importlib.util.spec_from_file_location("regen_goldens", HERE / "regen_goldens.py")
-    assert spec is not None
-    assert spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise ImportError("tests/regen_goldens.py cannot be loaded")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
