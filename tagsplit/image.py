@@ -82,7 +82,8 @@ class Section:
 class Function(NamedTuple):
     """A function as one or more [begin, end) RVA ranges (x64 chained unwind entries give several).
 
-    A named tuple rather than a dataclass: a large driver has hundreds of thousands of them, all made at load.
+    A named tuple rather than a dataclass: `Image.functions` makes one per `.pdata` function, hundreds of thousands
+    in a large driver.
     """
 
     rva: int

@@ -145,7 +145,7 @@ class _Scanner:
         code is large enough for that to pay."""
         slots = set(self.pool)
         code = sum(s.size for s in self.image.code_sections())
-        if code < PARALLEL_SEARCH_BYTES or _workers(PARALLEL_MIN_FUNCTIONS) < 2:
+        if code < PARALLEL_SEARCH_BYTES or _cores() < 2:
             return find_refs(self.image, slots), find_tails(self.image, self.pool, self.cs)
         first, *others = split_code(self.image, 2)
 
@@ -388,11 +388,16 @@ PARALLEL_SEARCH_BYTES = 4 << 20  # code below this is searched in one process: a
 WARM_UP = 0.0  # share of the functions analysed before the workers are forked
 
 
-def _workers(functions: int) -> int:
-    """Processes for the per-function analysis: worth it only for large drivers, and only where fork exists."""
-    if functions < PARALLEL_MIN_FUNCTIONS or "fork" not in multiprocessing.get_all_start_methods():
+def _cores() -> int:
+    """Processes a scan may share its work between: one per core, where fork exists."""
+    if "fork" not in multiprocessing.get_all_start_methods():
         return 1
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _workers(functions: int) -> int:
+    """Processes for the per-function analysis: worth more than one only for large drivers."""
+    return 1 if functions < PARALLEL_MIN_FUNCTIONS else _cores()
 
 
 _T = TypeVar("_T")
