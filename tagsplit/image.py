@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import bisect
 import hashlib
+import operator
 import os
 import stat
 import struct
@@ -18,6 +19,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,7 +29,7 @@ from .errors import ImageError, InputError, UnsupportedImageError
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 MACHINES = {0x8664: "x64", 0x14C: "x86"}
 _OTHER_MACHINES = {0xAA64: "ARM64", 0x1C4: "ARM (Thumb-2)", 0x1C0: "ARM", 0x200: "IA-64", 0xA641: "ARM64EC"}
@@ -110,6 +112,27 @@ class FunctionTable:
         root = self.roots[i]
         ranges = self.chained.get(root)
         return Function(root, ranges if ranges is not None else ((self.begins[i], self.ends[i]),))
+
+    def containing(self, rvas: Iterable[int]) -> tuple[dict[int, tuple[tuple[int, int], ...]], list[int]]:
+        """The functions holding `rvas` (entry -> ranges) and the RVAs outside every function, in one
+        sorted pass: a large driver asks this for thousands of call sites at once."""
+        found: dict[int, tuple[tuple[int, int], ...]] = {}
+        outside: list[int] = []
+        begins, ends, roots, chained = self.begins, self.ends, self.roots, self.chained
+        end = -1  # the end of the range the previous RVA fell in
+        for rva in sorted(rvas):
+            if rva < end:
+                continue
+            i = bisect.bisect_right(begins, rva) - 1
+            if i < 0 or rva >= ends[i]:
+                outside.append(rva)
+                end = -1
+                continue
+            end = ends[i]
+            root = roots[i]
+            if root not in found:
+                found[root] = chained.get(root) or ((begins[i], end),)
+        return found, outside
 
     def __len__(self) -> int:
         return len(self.begins)
@@ -258,8 +281,9 @@ def read_file(p: Path, limit: int | None = None) -> bytes:
             raise ImageError(f"{p}: {st.st_size:,} bytes is too large for a driver (limit {limit >> 20} MiB)")
         chunks = []
         left = limit + 1  # the file may grow after fstat: never read more than the limit
+        step = max(st.st_size + 1, 1 << 24)  # the whole file in one read where it can: then nothing is joined
         while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
+            chunk = os.read(fd, min(left, step))
             if not chunk:
                 break
             chunks.append(chunk)
@@ -437,14 +461,7 @@ def _build(
             mem = mem.ljust(size_of_image, b"\0")
         base = mapped_base
     else:
-        buf = bytearray(size_of_image)
-        hdr = min(oh.SizeOfHeaders, len(data), size_of_image)
-        buf[:hdr] = data[:hdr]
-        for s in sections:
-            n = min(s.raw_size, s.size, max(0, len(data) - s.raw_offset), size_of_image - s.rva)
-            if n > 0:
-                buf[s.rva : s.rva + n] = data[s.raw_offset : s.raw_offset + n]
-        mem = bytes(buf)
+        mem = _mapped_layout(data, sections, min(oh.SizeOfHeaders, len(data), size_of_image), size_of_image)
         base = oh.ImageBase
     assert base is not None
 
@@ -492,6 +509,30 @@ def _build(
         relocation_entries=reloc_entries,
         warnings=tuple(warnings),
     )
+
+
+def _mapped_layout(data: bytes, sections: tuple[Section, ...], headers: int, size: int) -> bytes:
+    """The file's headers and sections at their RVAs, zeros elsewhere, as the loader maps them."""
+    spans = [(0, 0, headers)]
+    for s in sections:
+        n = min(s.raw_size, s.size, max(0, len(data) - s.raw_offset), size - s.rva)
+        if n > 0:
+            spans.append((s.rva, s.raw_offset, n))
+    view = memoryview(data)
+    pieces: list[bytes | memoryview] = []
+    at = 0
+    for rva, offset, n in spans:
+        if rva < at:
+            break  # a section over the headers or another section: copied in order below, the later one wins
+        pieces += (bytes(rva - at), view[offset : offset + n])
+        at = rva + n
+    else:
+        pieces.append(bytes(size - at))
+        return b"".join(pieces)  # (one copy of each piece, straight into the result)
+    buf = bytearray(size)
+    for rva, offset, n in spans:
+        buf[rva : rva + n] = view[offset : offset + n]
+    return bytes(buf)
 
 
 def _sections(pe: pefile.PE, path: str, size_of_image: int, file_size: int, mapped: bool) -> tuple[Section, ...]:
@@ -566,10 +607,22 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
     words = array.array("I", mem[start : start + length])
     if sys.byteorder != "little":
         words.byteswap()
-    entries = list(zip(words[0::3], words[1::3], words[2::3]))
+    begins, ends, unwind = words[0::3].tolist(), words[1::3].tolist(), words[2::3].tolist()
+    if not begins:
+        return NO_FUNCTIONS
+    # What every sane image has (each entry in range, sorted, disjoint, its unwind data inside the image) is
+    # checked a column at a time; anything else is sorted out entry by entry.
+    if (
+        min(begins) > 0
+        and max(ends) <= size
+        and all(map(operator.lt, begins, ends))
+        and all(map(operator.le, ends[:-1], begins[1:]))
+    ):
+        return _chained(mem, begins, ends, unwind, size)
+    entries = list(zip(begins, ends, unwind))
     valid = [ent for ent in entries if 0 < ent[0] < ent[1] <= size]
     bad = len(entries) - len(valid)
-    valid.sort()  # (already sorted in any sane .pdata: then this is one linear pass)
+    valid.sort()
     # .pdata is sorted and its ranges are disjoint (RtlLookupFunctionEntry searches it): an entry overlapping an
     # earlier one is corrupt, and 100,000 copies of one range would make the scanner disassemble it 100,000 times.
     kept: list[tuple[int, int, int]] = []
@@ -582,19 +635,39 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
         warnings.append(f"{bad} .pdata entries out of range were ignored")
     if len(valid) > len(kept):
         warnings.append(f"{len(valid) - len(kept)} .pdata entries overlapping others were ignored")
-    begins = [b for b, _, _ in kept]
-    ends = [e for _, e, _ in kept]
-    roots = begins[:]
+    if not kept:
+        return NO_FUNCTIONS
+    return _chained(mem, [b for b, _, _ in kept], [e for _, e, _ in kept], [u for _, _, u in kept], size)
+
+
+def _chained(mem: bytes, begins: list[int], ends: list[int], unwind: list[int], size: int) -> FunctionTable:
+    """The table of sorted, disjoint .pdata ranges, each with the entry of its function: a chained entry (its
+    UNWIND_INFO's flags say so) describes a fragment of another function; its chain is followed to the primary."""
     chain = UNW_FLAG_CHAININFO << 3
-    # A chained entry describes a fragment of another function (its UNWIND_INFO's flags say so): follow the chain
-    # to the primary entry.
-    fragments = [i for i, (_, _, u) in enumerate(kept) if 0 < u < size - 4 and mem[u] & chain]
+    inside = unwind if min(unwind) > 0 and max(unwind) < size - 4 else [u if 0 < u < size - 4 else 0 for u in unwind]
+    flags = _bytes_at(mem, inside)
+    fragments = [i for i in compress(range(len(inside)), flags.translate(_CHAINED)) if inside[i]]
+    roots = begins[:]
     if not fragments:
         return FunctionTable(begins, ends, roots, {})
-    by_begin = {b: (b, e, u) for b, e, u in kept}
-    for i in fragments:
-        u = kept[i][2]
-        root = kept[i][0]
+    # Nearly every chain is one link long, to a primary entry of the table: those are read a column at a time,
+    # the others followed link by link below.
+    ups = [unwind[i] for i in fragments]
+    offsets = [u + 4 + ((count + 1) & ~1) * 2 for u, count in zip(ups, _bytes_at(mem, [u + 2 for u in ups]))]
+    longer = []
+    if max(offsets) + 12 <= size:
+        firsts = [_U32(mem, o)[0] for o in offsets]
+        for i, root in zip(fragments, firsts):
+            j = bisect.bisect_left(begins, root)
+            if j < len(begins) and begins[j] == root and not mem[unwind[j]] & chain:
+                roots[i] = root
+            else:
+                longer.append(i)
+    else:
+        longer = fragments
+    for i in longer:
+        u = unwind[i]
+        root = begins[i]
         seen = 0
         while 0 < u < size - 4 and mem[u] & chain and seen < 32:
             count = mem[u + 2]
@@ -603,16 +676,28 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
                 break
             parent = struct.unpack_from("<III", mem, off)
             root = parent[0]
-            u = by_begin.get(root, parent)[2]
+            j = bisect.bisect_left(begins, root)
+            u = unwind[j] if j < len(begins) and begins[j] == root else parent[2]
             seen += 1
         roots[i] = root
-    several: dict[int, list[tuple[int, int]]] = {}
+    # a function of several ranges: its own entry (the one whose begin is its entry RVA) and its fragments
+    several: dict[int, set[tuple[int, int]]] = {}
     for i in fragments:
-        several.setdefault(roots[i], [])
-    for b, e, r in zip(begins, ends, roots):
-        if r in several:
-            several[r].append((b, e))  # (in ascending order, as `kept` is)
-    return FunctionTable(begins, ends, roots, {r: tuple(rs) for r, rs in several.items()})
+        several.setdefault(roots[i], set()).add((begins[i], ends[i]))
+    for r, rs in several.items():
+        j = bisect.bisect_left(begins, r)
+        if j < len(begins) and begins[j] == r and roots[j] == r:
+            rs.add((r, ends[j]))
+    return FunctionTable(begins, ends, roots, {r: tuple(sorted(rs)) for r, rs in several.items()})
+
+
+_CHAINED = bytes(1 if b & (UNW_FLAG_CHAININFO << 3) else 0 for b in range(256))
+_U32 = struct.Struct("<I").unpack_from
+
+
+def _bytes_at(mem: bytes, positions: list[int]) -> bytes:
+    """mem[p] for each p, as one bytes object."""
+    return bytes(operator.itemgetter(*positions)(mem)) if len(positions) > 1 else bytes(mem[p] for p in positions)
 
 
 def _relocations(

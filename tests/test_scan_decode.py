@@ -409,7 +409,7 @@ def test_searches_on_drivers_match_the_plain_expressions(path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["patterns_clang_x64.sys", "patterns_gcc_x86_O2.sys", "wrappers_gcc_x64_O2.sys"])
 def test_parallel_analysis_gives_the_same_scan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sites computed in forked workers come back (as marshalled tuples) equal to the ones computed in-process."""
+    """Sites computed in forked workers come back (pickled) equal to the ones computed in-process."""
     import multiprocessing
 
     from tagsplit.sites import scan as scan_mod
@@ -425,7 +425,6 @@ def test_parallel_analysis_gives_the_same_scan(name: str, monkeypatch: pytest.Mo
     assert shared == alone
     monkeypatch.setattr(scan_mod, "PARALLEL_SEARCH_BYTES", 0)  # the byte searches split in two processes as well
     assert scan_mod.scan_image(image) == alone
-    assert [scan_mod._unpack(scan_mod._pack(s)) for s in alone.sites] == list(alone.sites)
 
 
 # --- tag bytes in code (the cross-check) -------------------------------------------------------------------------

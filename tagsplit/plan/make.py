@@ -297,10 +297,10 @@ class Planner:
                     and _plain(c.tag_value) in suspects
                 ):
                     copies.append((_call_site(c, w, _COPY, f"calls {w.name or hex(w.rva)}, a fixed-tag wrapper"), w))
-        from ..sites.scan import _mark_shared
+        from ..sites.scan import mark_shared
 
         # one constant may feed several wrapper calls (as it may feed several pool calls)
-        return _mark_shared(params), copies
+        return mark_shared(params), copies
 
     def _copy_plan(self, site: CallSite, wrapper: Wrapper, new: int) -> SitePlan:
         """This caller calls its own copy of the fixed-tag wrapper, the copy differing only in the tag."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, overload
 import capstone
 
 from . import decode
+from .encodings import step_bytes
 from .semantics import (
     Context,
     Fork,
@@ -246,14 +247,18 @@ class FunctionCode:
         if p in self._passthru:
             return loc  # jcc/jmp rel8/rel32 (`step_back` passes every location through them)
         memo = self._memo
-        if memo is None or p in self._reldep:
-            return step_back(self.insn(p), loc, ctx)
         s = self.starts[p]
-        key = (self._mem[s : s + self.sizes[p]], loc)
+        raw = self._mem[s : s + self.sizes[p]]
+        if memo is None or p in self._reldep:
+            got = step_bytes(raw, s, loc, ctx)
+            return step_back(self.insn(p), loc, ctx) if got is None else got
+        key = (raw, loc)
         known = memo.steps.get(key)
         if known is not None:
             return known
-        step = step_back(self.insn(p), loc, ctx)
+        step = step_bytes(raw, s, loc, ctx)
+        if step is None:
+            step = step_back(self.insn(p), loc, ctx)
         if not isinstance(step, (Origin, Fork)):
             memo.steps[key] = step
         return step
@@ -292,14 +297,20 @@ class FunctionCode:
                         res = loc
                     elif memo is not None and p not in reldep:
                         s = starts[p]
-                        known = (mem[s : s + sizes[p]], loc)
+                        raw = mem[s : s + sizes[p]]
+                        known = (raw, loc)
                         res = memo.get(known)
                         if res is None:
-                            res = step_back(insn(p), loc, ctx)
+                            res = step_bytes(raw, s, loc, ctx)
+                            if res is None:
+                                res = step_back(insn(p), loc, ctx)
                             if type(res) is not Origin and type(res) is not Fork:
                                 memo[known] = res  # type: ignore[assignment]
                     else:
-                        res = step_back(insn(p), loc, ctx)
+                        s = starts[p]
+                        res = step_bytes(mem[s : s + sizes[p]], s, loc, ctx)
+                        if res is None:
+                            res = step_back(insn(p), loc, ctx)
                     cache[key] = res
                 t = type(res)
                 if t is Origin:

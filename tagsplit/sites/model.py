@@ -112,3 +112,10 @@ def make(cls: type[_T], *values: Any) -> _T:
     obj = object.__new__(cls)
     obj.__dict__.update(zip(names, values))
     return obj
+
+
+def replaced(obj: _T, **changes: Any) -> _T:
+    """`dataclasses.replace` for the frozen dataclasses here, without running `__init__` (see `make`)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__, **changes)
+    return new

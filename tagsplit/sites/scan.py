@@ -7,11 +7,12 @@ import gc
 import marshal
 import multiprocessing
 import os
+import pickle
 import re
 import struct
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import capstone
 
@@ -121,7 +122,11 @@ class _Scanner:
         self.thunks = {**{e: True for e, st in stubs.items() if st.is_plain_thunk}, **{t: False for t in unused}}
         refs = [r for r in refs if r.rva not in unused and r.rva not in stub_insns]
         by_function: dict[int, tuple[tuple[int, int], ...]] = {}
-        for rva in [r.rva for r in refs] + [src for cs in callers.values() for src, _ in cs]:
+        wanted = [r.rva for r in refs] + [src for cs in callers.values() for src, _ in cs]
+        if self.image.function_table:
+            # .pdata answers for most at once; the rest (leaf functions without unwind data) as below
+            by_function, wanted = self.image.function_table.containing(wanted)
+        for rva in wanted:
             fn = self._function(rva)
             if fn is None:
                 self.notes.append(f"reference at {rva:#x} is outside every function")
@@ -133,12 +138,14 @@ class _Scanner:
         work = sorted(by_function.items())
         workers = _workers(len(work))
         if workers > 1:
-            sites = self._analyse_in_parallel(work, workers)
+            sites, feeds = self._analyse_in_parallel(work, workers)
         else:
-            sites = self.analyse(work)
+            sites, feeds = self.analyse(work)
         self._memo = StepMemo()  # let it go now, while the collector is paused (scan_image)
-        sites.sort(key=lambda s: s.rva)
-        return _mark_shared(sites)
+        # in RVA order, read from `feeds`: thousands of scattered site objects cost more to visit than these tuples
+        rvas = [rva for rva, _ in feeds]
+        order = sorted(range(len(sites)), key=rvas.__getitem__)
+        return _mark_shared([sites[i] for i in order], [feeds[i] for i in order])
 
     def _search(self) -> tuple[list[Ref], Tails]:
         """The byte searches (IAT references, stub endings): over halves of the code in two processes where the
@@ -160,24 +167,30 @@ class _Scanner:
         pic = {k: v for g in got for k, v in g[1].items()}
         return refs, Tails(pic, sorted(x for g in got for x in g[2]))
 
-    def _analyse_in_parallel(self, work: list[tuple[int, tuple[tuple[int, int], ...]]], workers: int) -> list[CallSite]:
+    def _analyse_in_parallel(self, work: list[tuple[int, tuple[tuple[int, int], ...]]], workers: int) -> Analysed:
         """Share the functions out: this process takes one part, forked children (which inherit the scanner and
         the image instead of unpickling them) take the others and send back their sites."""
         # A first slice here, before forking: what it learns about common instructions (StepMemo) is inherited
         # by every child instead of being learned again in each.
         head = max(1, int(len(work) * WARM_UP))
-        warm = self.analyse(work[:head])
+        sites, feeds = self.analyse(work[:head])
         rest = work[head:]
         parts = [rest[i::workers] for i in range(workers)]
-        sites, sent = _forked(
-            lambda part: _pack_all(self.analyse(part)), parts[1:], lambda: warm + self.analyse(parts[0])
+        # pickle rebuilds a dataclass by filling its __dict__ in C, faster than any constructor called from Python
+        own, sent = _forked(
+            lambda part: pickle.dumps(self.analyse(part), pickle.HIGHEST_PROTOCOL), parts[1:],
+            lambda: self.analyse(parts[0]),
         )
-        for data in sent:
-            sites.extend(_unpack(t) for t in marshal.loads(data))
-        return sites
+        for got in (own, *(pickle.loads(data) for data in sent)):
+            sites += got[0]
+            feeds += got[1]
+        return sites, feeds
 
-    def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[CallSite]:
+    def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> Analysed:
+        """The sites of the functions in `work`, and for each site its RVA and the instructions that set its constant
+        tag (read here, while the site is fresh in the cache: `_mark_shared` needs them for every site)."""
         sites: list[CallSite] = []
+        feeds: list[tuple[int, tuple[int, ...]]] = []
         mem = self.image.mem
         for entry, ranges in work:
             try:
@@ -188,8 +201,9 @@ class _Scanner:
                 # iced-x86 and capstone disagree somewhere in this function: capstone's sweep decides
                 code = FunctionCode(mem, entry, ranges, self.cs)
                 found = list(self._sites_in(code, self._refs_at, self.stubs))
-            sites.extend(found)
-        return sites
+            sites += found
+            feeds += map(_feed, found)
+        return sites, feeds
 
     def _last_reference(self, ranges: tuple[tuple[int, int], ...]) -> int | None:
         """The last IAT reference or stub call in `ranges`: the instructions after it need decoding only as far as
@@ -383,6 +397,7 @@ class _Scanner:
         return _classify(code.origins(k, loc, self.ctx), code, self.image)
 
 
+Analysed = tuple[list[CallSite], list[tuple[int, tuple[int, ...]]]]  # sites, (RVA, tag instructions) of each
 PARALLEL_MIN_FUNCTIONS = 400
 PARALLEL_SEARCH_BYTES = 4 << 20  # code below this is searched in one process: a fork costs more than it saves
 WARM_UP = 0.0  # share of the functions analysed before the workers are forked
@@ -440,37 +455,23 @@ def _run_child(fn: Callable[[_T], bytes], arg: _T, send: Connection) -> None:
         send.close()
 
 
-def _pack_all(sites: list[CallSite]) -> bytes:
-    return marshal.dumps([_pack(s) for s in sites])
-
-
-# Sites cross from a worker as plain tuples (marshal): unpickling dataclasses costs several times more.
-def _pack(s: CallSite) -> tuple[Any, ...]:
-    ts = s.tag_source
-    i = ts.insn
-    src = (ts.kind, ts.value, (i.rva, i.raw, i.text) if i else None, ts.imm_offset, ts.other_sources,
-           ts.param_index, ts.detail)
-    return (s.rva, s.size, s.raw, s.api, s.role, s.call, s.function_rva, s.function_name, s.section, src,
-            s.shared_with, s.pageable, s.discardable, s.notes)
-
-
-def _unpack(t: tuple[Any, ...]) -> CallSite:
-    src = t[9]
-    insn = make(Instruction, *src[2]) if src[2] is not None else None
-    return make(CallSite, *t[:9], _source(src[0], src[1], insn, *src[3:]), *t[10:])
-
-
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """A scan allocates millions of short-lived, acyclic objects (freed by reference counting); the cyclic collector
     would walk the long-lived ones (the image's tables, the caches, the sites found so far) again and again for
-    nothing. It is paused for the scan and runs again afterwards, when the caller next allocates."""
+    nothing. It is paused for the scan and runs again afterwards, when the caller next allocates.
+
+    What the scan keeps (the sites, the image's tables) lives as long as the scan result: it is moved to the oldest
+    generation on the way out (freeze + unfreeze), or the first young collection afterwards would examine every
+    object of it only to find it all alive."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was:
+            gc.freeze()
+            gc.unfreeze()
             gc.enable()
 
 
@@ -533,43 +534,50 @@ def _classify(
     return _source(model.COMPUTED, detail="different sources meet: " + ", ".join(parts))
 
 
-def _mark_shared(sites: list[CallSite]) -> list[CallSite]:
-    by_insn: dict[int, list[int]] = defaultdict(list)
-    fed: list[tuple[int, ...] | None] = []  # per site: the instructions that set its constant tag
-    for s in sites:
-        ts = s.tag_source
-        if ts.kind == model.IMM and ts.insn is not None and ts.imm_offset is not None:
-            rs = (ts.insn.rva, *ts.other_sources)
-            for r in rs:
-                by_insn[r].append(s.rva)
-            fed.append(rs)
-        else:
-            fed.append(None)
+def mark_shared(sites: list[CallSite]) -> list[CallSite]:
+    """`sites`, each with the other sites its constant tag's instruction feeds (`shared_with`)."""
+    return _mark_shared(sites, [_feed(s) for s in sites])
+
+
+def _feed(site: CallSite) -> tuple[int, tuple[int, ...]]:
+    """The site's RVA and the instructions that set its constant tag (none unless it has one)."""
+    ts = site.tag_source
+    if ts.kind == model.IMM and ts.insn is not None and ts.imm_offset is not None:
+        return site.rva, (ts.insn.rva, *ts.other_sources)
+    return site.rva, ()
+
+
+def _mark_shared(sites: list[CallSite], feeds: list[tuple[int, tuple[int, ...]]]) -> list[CallSite]:
+    by_insn: dict[int, list[int]] = defaultdict(list)  # tag instruction -> the sites it feeds
+    for rva, insns in feeds:
+        for r in insns:
+            by_insn[r].append(rva)
+    # Most tag instructions feed one site: only the sites of the others change.
+    shared = {r: fed for r, fed in by_insn.items() if len(fed) > 1}
+    if not shared:
+        return sites
+    touched = {x for fed in shared.values() for x in fed}
     out = []
-    for s, feeders in zip(sites, fed):
-        if feeders is not None and any(len(by_insn[r]) > 1 for r in feeders):
-            shared = {x for r in feeders for x in by_insn[r] if x != s.rva}
-            if shared:
-                s = _replace(s, shared_with=tuple(sorted(shared)))
+    for s, (rva, insns) in zip(sites, feeds):
+        if rva in touched:
+            others = {x for r in insns for x in shared.get(r, ()) if x != rva}
+            if others:
+                s = model.replaced(s, shared_with=tuple(sorted(others)))
         out.append(s)
     return out
 
 
-def _replace(site: CallSite, **changes: object) -> CallSite:
-    import dataclasses
-
-    return dataclasses.replace(site, **changes)  # type: ignore[arg-type]
-
-
 def unexplained(image: Image, sites: list[CallSite], values: Iterable[int]) -> dict[int, tuple[int, ...]]:
     """Occurrences of each tag's 4 bytes in executable sections that no site's tag instruction accounts for."""
+    wanted = sorted({v & 0xFFFFFFFF for v in values})
+    if not wanted:
+        return {}
     explained = set()
     for s in sites:
         ts = s.tag_source
         if ts.rva is not None and ts.imm_offset is not None:
             explained.add(ts.rva + ts.imm_offset)
     mem = image.mem
-    wanted = sorted({v & 0xFFFFFFFF for v in values})
     found = _occurrences(mem, [(sec.rva, sec.end) for sec in image.code_sections()], wanted)
     return {v: tuple(p for p in found[v] if p not in explained) for v in wanted}
 

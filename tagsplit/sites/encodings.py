@@ -1,0 +1,95 @@
+"""The backward step of a few common encodings, read from their bytes instead of capstone's text.
+
+Most steps of the walk are answered by the memo (`flow.StepMemo`, keyed by instruction bytes). Three kinds of
+instruction miss it nearly every time, because their bytes are unique: the instruction that sets a tag
+(`mov r32, imm32`, `mov dword [rsp+d], imm32`, `push imm32` — one tag value each) and the direct `call rel32`
+(its bytes hold its target). Decoding their text and parsing it costs more than the rest of the walk. Their effect
+on a location follows from the encoding alone, and `step_bytes` gives exactly what `semantics.step_back` gives for
+them (tests/test_scan_encodings.py compares the two on every instruction of every sample driver); anything else,
+or any variant it does not recognise, is None: ask `step_back`.
+"""
+
+from __future__ import annotations
+
+from .semantics import VOLATILE, Context, Origin, RegLoc, StackLoc, Step
+
+_REG64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+def step_bytes(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+    """What `step_back` makes of `loc` through the instruction `raw` at `rva`, or None where the bytes do not say."""
+    n = len(raw)
+    b0 = raw[0]
+    x64 = ctx.arch == "x64"
+    if x64 and b0 == 0x41 and n == 6 and 0xB8 <= raw[1] <= 0xBF:
+        return _mov_imm(8 + raw[1] - 0xB8, raw, rva, loc)  # mov r8d..r15d, imm32
+    if n == 5:
+        if 0xB8 <= b0 <= 0xBF:
+            return _mov_imm(b0 - 0xB8, raw, rva, loc)  # mov eax..edi, imm32
+        if b0 == 0xE8 and x64:
+            return _call64(raw, rva, loc, ctx)
+        if b0 == 0x68 and not x64:
+            return _push_imm(raw, rva, loc, ctx)
+        return None
+    # mov dword/qword [rsp+disp8|disp32], imm32: C7 44 24 d8 / C7 84 24 d32 (REX.W 48 before: qword)
+    rexw = x64 and b0 == 0x48
+    op = raw[1:] if rexw else raw
+    if len(op) in (8, 11) and op[0] == 0xC7 and op[2] == 0x24 and op[1] == (0x44 if len(op) == 8 else 0x84):
+        disp = int.from_bytes(op[3:-4], "little", signed=True)
+        return _store_imm(disp, 8 if rexw else 4, raw, rva, loc)
+    return None
+
+
+def _imm_origin(raw: bytes, rva: int) -> Origin:
+    value = int.from_bytes(raw[-4:], "little")
+    # `semantics._source` looks for the value's bytes from the end: for these encodings they are the last four
+    return Origin("imm", value=value, rva=rva, imm_offset=len(raw) - 4)
+
+
+def _mov_imm(reg: int, raw: bytes, rva: int, loc: object) -> Step | None:
+    if reg == 4:
+        return None  # mov esp, imm: the stack is lost, as the text model says in its own words
+    if type(loc) is RegLoc:
+        return _imm_origin(raw, rva) if loc.reg == _REG64[reg] else loc
+    if type(loc) is StackLoc:
+        return loc
+    return None
+
+
+def _store_imm(disp: int, size: int, raw: bytes, rva: int, loc: object) -> Step | None:
+    if type(loc) is RegLoc:
+        return loc
+    if type(loc) is StackLoc:
+        # `semantics._covers`: a store overlapping the tracked dword defines it
+        return _imm_origin(raw, rva) if disp < loc.offset + 4 and loc.offset < disp + size else loc
+    return None
+
+
+def _push_imm(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+    if type(loc) is RegLoc:
+        return loc
+    if type(loc) is StackLoc:
+        if loc.offset == 0:
+            return _imm_origin(raw, rva)
+        if 0 < loc.offset < ctx.ptr:
+            return None
+        return StackLoc(loc.offset - ctx.ptr)
+    return None
+
+
+def _call64(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+    target = (rva + 5 + int.from_bytes(raw[1:], "little", signed=True)) & 0xFFFFFFFFFFFFFFFF
+    if target == rva + 5 or ctx.stub_body(target) is not None:
+        return None  # `call $+5`, or a call into a stub whose instructions act for the caller
+    if type(loc) is RegLoc:
+        reg = loc.reg
+        if reg not in VOLATILE["x64"]:
+            return loc
+        if reg == "rax":
+            return Origin("computed", rva=rva, detail=f"return value of the call at {rva:#x}")
+        return Origin("register", rva=rva, detail=f"{reg} is clobbered by the call at {rva:#x}")
+    if type(loc) is StackLoc:
+        if loc.offset < 0x20:
+            return Origin("stack", rva=rva, detail="home-area slot reused across a call")
+        return loc
+    return None

@@ -1,0 +1,100 @@
+"""`encodings.step_bytes` answers exactly as `semantics.step_back` does, wherever it answers at all."""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import TYPE_CHECKING
+
+import capstone
+import pytest
+from conftest import BIN, corpus_drivers
+
+from tagsplit.image import load
+from tagsplit.sites.encodings import step_bytes
+from tagsplit.sites.semantics import Context, FrameLoc, Insn, Loc, RegLoc, StackLoc, step_back
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+REGS = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{i}" for i in range(8, 16))]
+LOCS: list[Loc] = [
+    *(RegLoc(r) for r in REGS),
+    *(StackLoc(o) for o in range(-8, 0x48, 2)),
+    FrameLoc("rbp", -8),
+]
+STUB = 0x5000  # a call target that `stub_body` knows
+
+
+def _ctx(arch: str) -> Context:
+    def stub_body(target: int) -> tuple[tuple[Insn, ...], int] | None:
+        return ((), 0) if target == STUB else None
+
+    return Context(arch, 0x140000000 if arch == "x64" else 0x10000, lambda _slot: None, lambda _insn: 8, stub_body)
+
+
+def _text(cs: capstone.Cs, raw: bytes, rva: int) -> Insn | None:
+    got = next(cs.disasm_lite(raw, rva, 1), None)
+    if got is None or got[1] != len(raw):
+        return None
+    return Insn(rva, len(raw), got[2], got[3], raw)
+
+
+def _compare(arch: str, samples: list[tuple[bytes, int]]) -> int:
+    """Every location through every sample: the byte reading, where there is one, equals the text reading."""
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if arch == "x64" else capstone.CS_MODE_32)
+    ctx = _ctx(arch)
+    answered = 0
+    for raw, rva in samples:
+        insn = _text(cs, raw, rva)
+        if insn is None:
+            continue
+        for loc in LOCS:
+            got = step_bytes(raw, rva, loc, ctx)
+            if got is not None:
+                assert got == step_back(insn, loc, ctx), (raw.hex(), hex(rva), loc, insn.mnemonic, insn.op_str)
+                answered += 1
+    return answered
+
+
+def _encodings(rnd: random.Random, arch: str) -> list[tuple[bytes, int]]:
+    out = []
+    for _ in range(300):
+        imm = struct.pack("<I", rnd.choice([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, rnd.getrandbits(32)]))
+        rva = rnd.randrange(0x1000, 0x100000)
+        reg = rnd.randrange(8)
+        d8 = rnd.randrange(256)
+        d32 = struct.pack("<i", rnd.choice([0, 8, 0x28, 0x30, -8, 0x1000, rnd.randrange(-(2**31), 2**31)]))
+        rel = struct.pack("<i", rnd.choice([0, STUB - rva - 5, rnd.randrange(-(2**31), 2**31)]))
+        out += [
+            (bytes([0xB8 + reg]) + imm, rva),
+            (bytes([0xC7, 0x44, 0x24, d8]) + imm, rva),
+            (bytes([0xC7, 0x84, 0x24]) + d32 + imm, rva),
+            (b"\xe8" + rel, rva),
+            (b"\x68" + imm, rva),
+        ]
+        if arch == "x64":
+            out += [
+                (bytes([0x41, 0xB8 + reg]) + imm, rva),
+                (bytes([0x48, 0xC7, 0x44, 0x24, d8]) + imm, rva),
+                (bytes([0x48, 0xC7, 0x84, 0x24]) + d32 + imm, rva),
+            ]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["x64", "x86"])
+def test_encodings_read_from_bytes_as_from_text(arch: str) -> None:
+    assert _compare(arch, _encodings(random.Random(3), arch)) > 1000
+
+
+@pytest.mark.parametrize(
+    "path", sorted(BIN.glob("*.sys")) + [p for p in corpus_drivers() if "arm64" not in p.name], ids=lambda p: p.name
+)
+def test_every_instruction_of_a_driver_reads_the_same(path: Path) -> None:
+    image = load(path)
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if image.arch == "x64" else capstone.CS_MODE_32)
+    samples = []
+    for sec in image.code_sections():
+        for rva, size, _, _ in cs.disasm_lite(image.mem[sec.rva : sec.end], sec.rva):
+            samples.append((image.mem[rva : rva + size], rva))
+    assert _compare(image.arch, samples) > 0
