@@ -11,6 +11,7 @@ import pytest
 from conftest import BIN, corpus_drivers
 
 from tagsplit.image import load
+from tagsplit.sites import semantics
 from tagsplit.sites.encodings import step_bytes
 from tagsplit.sites.semantics import Context, FrameLoc, Insn, Loc, RegLoc, StackLoc, step_back
 
@@ -98,3 +99,32 @@ def test_every_instruction_of_a_driver_reads_the_same(path: Path) -> None:
         for rva, size, _, _ in cs.disasm_lite(image.mem[sec.rva : sec.end], sec.rva):
             samples.append((image.mem[rva : rva + size], rva))
     assert _compare(image.arch, samples) > 0
+
+
+@pytest.mark.parametrize("arch", ["x64", "x86"])
+def test_simd_moves_read_as_capstone_detail_mode_says(arch: str) -> None:
+    """The text model's reading of SSE moves into an xmm register equals `_fallback` (capstone's detail mode)."""
+    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if arch == "x64" else capstone.CS_MODE_32)
+    ctx = _ctx(arch)
+    rnd = random.Random(5)
+    opcodes = [b"\x0f\x10", b"\x0f\x11", b"\x0f\x28", b"\x0f\x29", b"\xf3\x0f\x6f", b"\xf3\x0f\x7f", b"\x66\x0f\x6f",
+               b"\x66\x0f\x7f", b"\x0f\x57", b"\x66\x0f\xef"]
+    compared = 0
+    locs = [*(RegLoc(r) for r in REGS), StackLoc(0), StackLoc(0x20), StackLoc(0x24), FrameLoc("rbp", -8)]
+    for _ in range(1200):
+        op = rnd.choice(opcodes)
+        rex = bytes([rnd.choice([0x40, 0x44, 0x41, 0x4C])]) if arch == "x64" and rnd.random() < 0.3 else b""
+        tail = bytes([rnd.randrange(256)]) + bytes([0x24]) + bytes(rnd.randrange(256) for _ in range(4))
+        raw = (op[:-2] + rex + op[-2:] if len(op) == 3 else rex + op) + tail
+        insn = _text(cs, raw[: _length(cs, raw)], 0x2000)
+        if insn is None or insn.mnemonic not in semantics._SIMD_MOVES or not insn.op_str.startswith("xmm"):
+            continue
+        for loc in locs:
+            assert step_back(insn, loc, ctx) == semantics._fallback(insn, loc, ctx), (raw.hex(), insn.op_str, loc)
+            compared += 1
+    assert compared > 2000
+
+
+def _length(cs: capstone.Cs, raw: bytes) -> int:
+    got = next(cs.disasm_lite(raw, 0x2000, 1), None)
+    return got[1] if got else 0

@@ -152,27 +152,29 @@ def _may_branch_into(mem: bytes, tail: list[tuple[int, int]], decoded: list[tupl
     land in one of the `decoded` spans. An over-approximation: it ignores instruction boundaries altogether."""
     lo = min(b for b, _ in decoded)
     hi = max(e for _, e in decoded)
+    one = len(decoded) == 1  # (nearly always: a function of one range)
     low = lo < 0x10000  # a 16-bit target (operand-size prefix) could land there too
-
-    def lands(t: int) -> bool:
-        if lo <= t < hi and any(b <= t < e for b, e in decoded):
-            return True
-        return low and lo <= t & 0xFFFF < hi and any(b <= t & 0xFFFF < e for b, e in decoded)
-
     limit = len(mem)
     for a, b in tail:
-        for m in _REL8.finditer(mem, a, min(b, hi + 130)):
-            q = m.start() + 1
-            if q < limit and lands(q + 1 + ((mem[q] ^ 0x80) - 0x80)):
+        # a rel8 lands at most 129 bytes before its opcode: only the start of the tail can reach back
+        for q in [m.end() for m in _REL8.finditer(mem, a, min(b, hi + 130, limit - 1))]:
+            t = q + 1 + ((mem[q] ^ 0x80) - 0x80)
+            if (lo <= t < hi or (low and lo <= t & 0xFFFF < hi)) and (one or _lands(t, decoded, low)):
                 return True
         for rx in _REL32:
             for m in rx.finditer(mem, a, b):
                 q = m.end()
-                if q + 4 <= limit and lands(q + 4 + _REL32_AT(mem, q)[0]):
-                    return True
-                if q + 2 <= limit and lands(q + 2 + _REL16_AT(mem, q)[0]):
-                    return True
+                targets = [q + 2 + _REL16_AT(mem, q)[0]] if q + 2 <= limit else []
+                if q + 4 <= limit:
+                    targets.append(q + 4 + _REL32_AT(mem, q)[0])
+                for t in targets:
+                    if (lo <= t < hi or (low and lo <= t & 0xFFFF < hi)) and (one or _lands(t, decoded, low)):
+                        return True
     return False
+
+
+def _lands(t: int, decoded: list[tuple[int, int]], low: bool) -> bool:
+    return any(b <= t < e for b, e in decoded) or (low and any(b <= t & 0xFFFF < e for b, e in decoded))
 
 
 def layout(
@@ -227,14 +229,14 @@ def _layout(
             cut = upto + 2 * _MAX_INSN + 1
         data = mem[begin:cut]
         insns = list(Decoder(bits, data, ip=begin))
-        if upto is not None and cut != end:
-            # keep the instruction at (or over) `upto` and the next one; the rest is decoded only if needed
-            keep = bisect.bisect_right(list(accumulate(map(len, insns), initial=begin)), upto) + 1
-            insns = insns[:keep]
-        if not all(insns):
-            return None  # undecodable or cut off by the range end: capstone resynchronises byte by byte
         lens = list(map(len, insns))
         pos = list(accumulate(lens, initial=begin))
+        if upto is not None and cut != end:
+            # keep the instruction at (or over) `upto` and the next one; the rest is decoded only if needed
+            keep = bisect.bisect_right(pos, upto) + 1
+            del insns[keep:], lens[keep:], pos[keep + 1 :]
+        if not all(insns):
+            return None  # undecodable or cut off by the range end: capstone resynchronises byte by byte
         stop = pos.pop()
         if cut != end:
             decoded = [*((b, e) for b, e in ranges if e <= begin), (begin, stop)]
@@ -270,9 +272,11 @@ def _layout(
             continue
         sp = _SPECIAL
         # the common encodings, recognised by code and length (any prefix but REX makes it longer)
-        plain = [(k, c) for k, c in zip(cand, ccodes) if canonical.get(c, 0) == lens[k]]
-        reldep += [base + k for k, _ in plain]
-        for k, c in [(k, c) for k, c in zip(cand, ccodes) if c in sp and canonical.get(c, 0) != lens[k]]:
+        is_plain = list(map(operator.eq, map(canonical.get, ccodes), map(lens.__getitem__, cand)))
+        plain_k = list(compress(cand, is_plain))
+        plain_c = list(compress(ccodes, is_plain))
+        reldep += map(base.__add__, plain_k)
+        for k, c in [(k, c) for k, c, p in zip(cand, ccodes, is_plain) if not p and c in sp]:
             s = pos[k]
             b0 = mem[s]
             if c in indirect_codes and (b0 == 0xFF or (bits == 64 and 0x40 <= b0 <= 0x4F and mem[s + 1] == 0xFF)):
@@ -283,16 +287,17 @@ def _layout(
             else:
                 text.append(base + k)
                 reldep.append(base + k)
-        br = [k for k, c in plain if c in branch_codes]
+        br = list(compress(plain_k, map(branch_codes.__contains__, plain_c)))
         if br:
-            branches += [
-                (base + k, (pos[k] + 2 + ((mem[pos[k] + 1] ^ 0x80) - 0x80)) & mask)
-                if lens[k] == 2
-                else (base + k, (pos[k] + lens[k] + rel32(mem, pos[k] + lens[k] - 4)[0]) & mask)
-                for k in br
-            ]
-            passthru += [base + k for k in br]
-        nofall += [base + k for k, c in plain if c in nofall_codes]
+            branches += zip(
+                map(base.__add__, br),
+                [
+                    (p + 2 + ((mem[p + 1] ^ 0x80) - 0x80) if n == 2 else p + n + rel32(mem, p + n - 4)[0]) & mask
+                    for p, n in zip(map(pos.__getitem__, br), map(lens.__getitem__, br))
+                ],
+            )
+            passthru += map(base.__add__, br)
+        nofall += map(base.__add__, compress(plain_k, map(nofall_codes.__contains__, plain_c)))
         if max_checks is not None and len(checks) > max_checks:
             return None
     if len(checks) > 1:

@@ -193,57 +193,54 @@ class _Scanner:
         feeds: list[tuple[int, tuple[int, ...]]] = []
         mem = self.image.mem
         for entry, ranges in work:
+            refs = self._references(ranges)
+            # The instructions after the last reference need decoding only as far as they can branch back
+            # (`decode.layout`); all of them where the function loads an IAT slot into a register (every indirect
+            # call in it is then a candidate).
+            upto = max(refs[0]) if refs[0] and not refs[1] else None
             try:
-                upto = self._last_reference(ranges)
                 code = FunctionCode(mem, entry, ranges, self.cs, fast=True, memo=self._memo, upto=upto)
-                found = list(self._sites_in(code, self._refs_at, self.stubs))
+                found = list(self._sites_in(code, self._refs_at, self.stubs, refs))
             except DecodeMismatch:
                 # iced-x86 and capstone disagree somewhere in this function: capstone's sweep decides
                 code = FunctionCode(mem, entry, ranges, self.cs)
-                found = list(self._sites_in(code, self._refs_at, self.stubs))
+                found = list(self._sites_in(code, self._refs_at, self.stubs, refs))
             sites += found
             feeds += map(_feed, found)
         return sites, feeds
 
-    def _last_reference(self, ranges: tuple[tuple[int, int], ...]) -> int | None:
-        """The last IAT reference or stub call in `ranges`: the instructions after it need decoding only as far as
-        they can branch back (`decode.layout`). None where the function loads an IAT slot into a register (every
-        indirect call in it is then a candidate)."""
-        last = None
+    def _references(self, ranges: tuple[tuple[int, int], ...]) -> tuple[list[int], list[int]]:
+        """The IAT references and stub calls in `ranges`, and those of the references that load an IAT slot into a
+        register."""
+        found: list[int] = []
+        loads: list[int] = []
+        refs_at, ref_rvas, stub_calls = self._refs_at, self._ref_rvas, self._stub_calls
         for begin, end in ranges:
-            for rvas in (self._ref_rvas, self._stub_calls):
-                i, j = bisect.bisect_left(rvas, begin), bisect.bisect_left(rvas, end)
-                if i < j:
-                    last = rvas[j - 1] if last is None else max(last, rvas[j - 1])
-            rvas = self._ref_rvas
-            for rva in rvas[bisect.bisect_left(rvas, begin) : bisect.bisect_left(rvas, end)]:
-                if self._refs_at[rva].kind == LOAD:
-                    return None
-        return last
+            got = ref_rvas[bisect.bisect_left(ref_rvas, begin) : bisect.bisect_left(ref_rvas, end)]
+            found += got
+            loads += [rva for rva in got if refs_at[rva].kind == LOAD]
+            found += stub_calls[bisect.bisect_left(stub_calls, begin) : bisect.bisect_left(stub_calls, end)]
+        return found, loads
 
-    def _candidates(self, code: FunctionCode, refs_at: dict[int, Ref]) -> tuple[Iterable[int], bool]:
-        """The instructions that can be sites: IAT references, calls/jumps to stubs and, where the function loads an
-        IAT slot into a register, every indirect call/jump; and whether it does."""
+    def _candidates(
+        self, code: FunctionCode, refs_at: dict[int, Ref], found: list[int], loads: list[int]
+    ) -> tuple[Iterable[int], bool]:
+        """The instructions that can be sites: IAT references and calls/jumps to stubs (`found`, see `_references`)
+        and, where the function loads an IAT slot into a register, every indirect call/jump; and whether it does."""
         if not code.fast:
             has_load = any(refs_at.get(i.rva) is not None and refs_at[i.rva].kind == LOAD for i in code.insns)
             return range(len(code.starts)), has_load
-        ks: set[int] = set()
-        has_load = False
-        for begin, end in code.ranges:
-            for rvas in (self._ref_rvas, self._stub_calls):
-                for rva in rvas[bisect.bisect_left(rvas, begin) : bisect.bisect_left(rvas, end)]:
-                    k = code.at(rva)
-                    if k is not None:
-                        ks.add(k)
-                        ref = refs_at.get(rva)
-                        if ref is not None and ref.kind == LOAD:
-                            has_load = True
+        at = code.at
+        ks = {k for k in map(at, found) if k is not None}
+        has_load = any(at(rva) is not None for rva in loads)
         if has_load:
             ks.update(code.register_branches())
         return sorted(ks), has_load
 
-    def _sites_in(self, code: FunctionCode, refs_at: dict[int, Ref], stubs: dict[int, Stub]) -> Iterable[CallSite]:
-        candidates, has_load = self._candidates(code, refs_at)
+    def _sites_in(
+        self, code: FunctionCode, refs_at: dict[int, Ref], stubs: dict[int, Stub], refs: tuple[list[int], list[int]]
+    ) -> Iterable[CallSite]:
+        candidates, has_load = self._candidates(code, refs_at, *refs)
         n = len(code.starts)
         mask = (1 << (8 * self.image.ptr_size)) - 1
         for k in candidates:

@@ -425,6 +425,8 @@ def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
                 return Origin("computed", rva=insn.rva)
             return Fork((loc, came))
         return loc
+    if mn in _SIMD_MOVES and len(ops) == 2 and ops[0].kind == "other":
+        return loc  # only an xmm register is written (stores to memory are left to `_fallback`)
     if mn in _ARITH:
         if not ops:
             return _fallback(insn, loc, ctx)
@@ -438,6 +440,9 @@ def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
             return Origin("computed", rva=insn.rva, detail=f"`{mn} {insn.op_str}`")
         return loc
     return _fallback(insn, loc, ctx)
+
+
+_SIMD_MOVES = frozenset(["movups", "movaps", "movdqu", "movdqa", "xorps", "pxor"])
 
 
 def _lost_stack(insn: Insn, loc: Loc) -> Step:
