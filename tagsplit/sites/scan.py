@@ -10,7 +10,8 @@ import os
 import pickle
 import re
 import struct
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -161,29 +162,51 @@ class _Scanner:
             tails = find_tails(self.image, self.pool, self.cs, span)
             return marshal.dumps(([(r.rva, r.size, r.kind, r.slot) for r in refs], tails.pic, tails.jmp_reg))
 
-        own, sent = _forked(search, others, lambda: search(first))
+        with _Children(lambda span: [search(span)], others) as children:
+            own = search(first)
+            sent = children.finish()
         got = [marshal.loads(b) for b in (own, *sent)]
         refs = sorted((Ref(*r) for g in got for r in g[0]), key=lambda r: r.rva)
         pic = {k: v for g in got for k, v in g[1].items()}
         return refs, Tails(pic, sorted(x for g in got for x in g[2]))
 
     def _analyse_in_parallel(self, work: list[tuple[int, tuple[tuple[int, int], ...]]], workers: int) -> Analysed:
-        """Share the functions out: this process takes one part, forked children (which inherit the scanner and
-        the image instead of unpickling them) take the others and send back their sites."""
-        # A first slice here, before forking: what it learns about common instructions (StepMemo) is inherited
-        # by every child instead of being learned again in each.
-        head = max(1, int(len(work) * WARM_UP))
-        sites, feeds = self.analyse(work[:head])
-        rest = work[head:]
-        parts = [rest[i::workers] for i in range(workers)]
+        """Share the functions out between this process and forked children, in small chunks taken in turn as
+        each process gets free: a static split leaves one process idle whenever the other runs slower (on a shared
+        machine it often does). The children send back the sites of each chunk as they go."""
+        ctx = multiprocessing.get_context("fork")
+        chunks = [work[i : i + PARALLEL_CHUNK] for i in range(0, len(work), PARALLEL_CHUNK)]
+        taken = ctx.RawValue("l", 0)  # chunks handed out so far, shared by all the processes
+        lock = ctx.Lock()
+
+        def take() -> Iterator[list[tuple[int, tuple[tuple[int, int], ...]]]]:
+            while True:
+                with lock:
+                    i = taken.value
+                    taken.value = i + 1
+                if i >= len(chunks):
+                    return
+                yield chunks[i]
+
         # pickle rebuilds a dataclass by filling its __dict__ in C, faster than any constructor called from Python
-        own, sent = _forked(
-            lambda part: pickle.dumps(self.analyse(part), pickle.HIGHEST_PROTOCOL), parts[1:],
-            lambda: self.analyse(parts[0]),
-        )
-        for got in (own, *(pickle.loads(data) for data in sent)):
-            sites += got[0]
-            feeds += got[1]
+        def child(_: None) -> Iterator[bytes]:
+            return (pickle.dumps(self.analyse(chunk), pickle.HIGHEST_PROTOCOL) for chunk in take())
+
+        sites: list[CallSite] = []
+        feeds: list[tuple[int, tuple[int, ...]]] = []
+        with _Children(child, [None] * (workers - 1)) as children:
+            for chunk in take():
+                got = self.analyse(chunk)
+                sites += got[0]
+                feeds += got[1]
+                for data in children.arrived():
+                    got = pickle.loads(data)
+                    sites += got[0]
+                    feeds += got[1]
+            for data in children.finish():
+                got = pickle.loads(data)
+                sites += got[0]
+                feeds += got[1]
         return sites, feeds
 
     def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> Analysed:
@@ -397,7 +420,7 @@ class _Scanner:
 Analysed = tuple[list[CallSite], list[tuple[int, tuple[int, ...]]]]  # sites, (RVA, tag instructions) of each
 PARALLEL_MIN_FUNCTIONS = 400
 PARALLEL_SEARCH_BYTES = 4 << 20  # code below this is searched in one process: a fork costs more than it saves
-WARM_UP = 0.0  # share of the functions analysed before the workers are forked
+PARALLEL_CHUNK = 48  # functions handed to a process at a time
 
 
 def _cores() -> int:
@@ -413,41 +436,79 @@ def _workers(functions: int) -> int:
 
 
 _T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
-def _forked(fn: Callable[[_T], bytes], others: list[_T], mine: Callable[[], _R]) -> tuple[_R, list[bytes]]:
-    """(mine(), [fn(x) for x in others]), each fn(x) in a forked child, which inherits everything this process
-    holds (the image, the scanner) instead of having it pickled, while this process runs mine()."""
-    ctx = multiprocessing.get_context("fork")
-    children = []
-    gc.freeze()  # the children's collector leaves the inherited objects (and their pages) alone
-    try:
-        for arg in others:
-            recv, send = ctx.Pipe(duplex=False)
-            child = ctx.Process(target=_run_child, args=(fn, arg, send), daemon=True)
-            child.start()
-            send.close()
-            children.append((child, recv))
-        own = mine()
+class _Children:
+    """Forked children, each running `fn(arg)` for one of `args` and sending back every bytes object it yields.
+
+    A child inherits everything this process holds (the image, the scanner) instead of having it pickled. One thread
+    per child reads what it sends as it comes (a pipe holds only 64 KiB: a child must not wait for this process to
+    finish its own share before it can go on)."""
+
+    def __init__(self, fn: Callable[[_T], Iterable[bytes]], args: list[_T]) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._arrived: deque[bytes] = deque()
+        self._failed: list[str] = []
+        self._children: list[tuple[multiprocessing.process.BaseProcess, Connection, threading.Thread]] = []
+        gc.freeze()  # the children's collector leaves the inherited objects (and their pages) alone
+        try:
+            for arg in args:
+                recv, send = ctx.Pipe(duplex=False)
+                child = ctx.Process(target=_run_child, args=(fn, arg, send), daemon=True)
+                child.start()
+                send.close()
+                reader = threading.Thread(target=self._read, args=(child, recv), daemon=True)
+                reader.start()
+                self._children.append((child, recv, reader))
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self, child: multiprocessing.process.BaseProcess, recv: Connection) -> None:
+        try:
+            while True:
+                data = recv.recv_bytes()
+                if not data:
+                    return  # the child's last word
+                self._arrived.append(data)
+        except (EOFError, OSError):
+            child.join()
+            self._failed.append(f"scan worker {child.pid} died (exit code {child.exitcode})")
+
+    def arrived(self) -> list[bytes]:
+        """What the children have sent since the last call."""
         out = []
-        for child, recv in children:
-            try:
-                out.append(recv.recv_bytes())
-            except EOFError as e:
-                raise RuntimeError(f"scan worker {child.pid} died (exit code {child.exitcode})") from e
-    finally:
-        for child, recv in children:
+        while self._arrived:
+            out.append(self._arrived.popleft())
+        return out
+
+    def finish(self) -> list[bytes]:
+        """Everything still to come, once every child is done."""
+        for _, _, reader in self._children:
+            reader.join()
+        if self._failed:
+            raise RuntimeError(self._failed[0])
+        return self.arrived()
+
+    def close(self) -> None:
+        for child, recv, _ in self._children:
             recv.close()
             child.join()
         gc.unfreeze()
-    return own, out
+
+    def __enter__(self) -> _Children:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
-def _run_child(fn: Callable[[_T], bytes], arg: _T, send: Connection) -> None:
+def _run_child(fn: Callable[[_T], Iterable[bytes]], arg: _T, send: Connection) -> None:
     gc.disable()
     try:
-        send.send_bytes(fn(arg))
+        for data in fn(arg):
+            send.send_bytes(data)
+        send.send_bytes(b"")
     finally:
         send.close()
 
