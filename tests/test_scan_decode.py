@@ -462,3 +462,29 @@ def test_tag_occurrences_agree_with_brute_force(
     assert sum(map(len, want.values())) >= 900
     assert scan_mod._occurrences(mem, spans, tags) == want
     assert scan_mod._occurrences(mem, spans, tags[:3]) == {v: want[v] for v in tags[:3]}  # (a few: per tag)
+
+
+def test_a_worker_that_dies_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked worker that dies mid-scan (a crash in a native library, say) is an error, not missing sites."""
+    import multiprocessing
+    import os
+
+    from tagsplit.sites import scan as scan_mod
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    image = load(BIN / "patterns_clang_x64.sys")
+    parent = os.getpid()
+    analyse = scan_mod._Scanner.analyse
+
+    def dying(self: scan_mod._Scanner, work: list) -> scan_mod.Analysed:  # type: ignore[type-arg]
+        if os.getpid() != parent:
+            os._exit(3)
+        return analyse(self, work)
+
+    monkeypatch.setattr(scan_mod, "PARALLEL_MIN_FUNCTIONS", 1)
+    monkeypatch.setattr(scan_mod, "PARALLEL_CHUNK", 1)
+    monkeypatch.setattr(scan_mod.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(scan_mod._Scanner, "analyse", dying)
+    with pytest.raises(RuntimeError, match="died"):
+        scan_mod.scan_image(image)
