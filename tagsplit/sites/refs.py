@@ -11,8 +11,7 @@ import bisect
 import re
 import struct
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -24,8 +23,9 @@ JMP_MEM = "jmp"  # jmp [slot]
 LOAD = "load"  # mov reg, [slot]
 
 
-@dataclass(frozen=True)
-class Ref:
+class Ref(NamedTuple):
+    """(A named tuple: a large driver has tens of thousands, made in the byte search's inner loop.)"""
+
     rva: int  # start of the referencing instruction
     size: int
     kind: str

@@ -166,7 +166,7 @@ class _Scanner:
             own = search(first)
             sent = children.finish()
         got = [marshal.loads(b) for b in (own, *sent)]
-        refs = sorted((Ref(*r) for g in got for r in g[0]), key=lambda r: r.rva)
+        refs = sorted((Ref._make(r) for g in got for r in g[0]), key=lambda r: r.rva)
         pic = {k: v for g in got for k, v in g[1].items()}
         return refs, Tails(pic, sorted(x for g in got for x in g[2]))
 
