@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # Instructions after which execution does not fall through to the next one.
 _NO_FALLTHROUGH = frozenset({"jmp", "ret", "retn", "retf", "int3", "ud2", "hlt", "iretq", "iretd", "sysret"})
 MAX_STEPS = 20000
+_OVER_BUDGET = Origin("computed", detail="analysis budget exceeded")
 # Functions where more instructions than this need their iced length confirmed by capstone are decoded by capstone.
 MAX_CHECKS = 24
 
@@ -246,22 +247,24 @@ class FunctionCode:
     def _step(self, p: int, loc: Loc, ctx: Context) -> Step:
         if p in self._passthru:
             return loc  # jcc/jmp rel8/rel32 (`step_back` passes every location through them)
-        memo = self._memo
         s = self.starts[p]
         raw = self._mem[s : s + self.sizes[p]]
-        if memo is None or p in self._reldep:
-            got = step_bytes(raw, s, loc, ctx)
-            return step_back(self.insn(p), loc, ctx) if got is None else got
-        key = (raw, loc)
-        known = memo.steps.get(key)
-        if known is not None:
-            return known
-        step = step_bytes(raw, s, loc, ctx)
-        if step is None:
-            step = step_back(self.insn(p), loc, ctx)
-        if not isinstance(step, (Origin, Fork)):
-            memo.steps[key] = step
+        if self._memo is None or p in self._reldep:
+            return self._read(p, raw, loc, ctx)
+        known = self._memo.steps.get((raw, loc))
+        return known if known is not None else self._learn(p, raw, loc, ctx)
+
+    def _learn(self, p: int, raw: bytes, loc: Loc, ctx: Context) -> Step:
+        """The step through instruction p (not in the memo yet), kept by its bytes where it is a location."""
+        step = self._read(p, raw, loc, ctx)
+        if self._memo is not None and type(step) is not Origin and type(step) is not Fork:
+            self._memo.steps[(raw, loc)] = step  # type: ignore[assignment]
         return step
+
+    def _read(self, p: int, raw: bytes, loc: Loc, ctx: Context) -> Step:
+        """The step through instruction p: from its bytes where they say (`encodings`), else from its text."""
+        step = step_bytes(raw, self.starts[p], loc, ctx)
+        return step_back(self.insn(p), loc, ctx) if step is None else step
 
     def origins(self, k: int, loc: Loc, ctx: Context) -> list[Origin]:
         """Every origin of the value `loc` holds just before instruction k, over all paths reaching it.
@@ -274,8 +277,8 @@ class FunctionCode:
         work = [(k, loc)]
         steps = 0
         starts, entry, bpreds, fall, cache = self.starts, self.entry, self.branch_preds, self._fall, self._steps
-        # `_step`, inlined below for the common case
-        passthru, reldep, sizes, mem, insn = self._passthru, self._reldep, self.sizes, self._mem, self.insn
+        # the first lookups of `_step`, inlined below for the common case
+        passthru, reldep, sizes, mem = self._passthru, self._reldep, self.sizes, self._mem
         memo = self._memo.steps if self._memo is not None else None
         while work:
             item = work.pop()
@@ -284,7 +287,7 @@ class FunctionCode:
             seen.add(item)
             steps += 1
             if steps > MAX_STEPS:
-                found[Origin("computed", detail="analysis budget exceeded")] = None
+                found[_OVER_BUDGET] = None
                 break
             k, loc = item
             # straight-line code: the only predecessor is the previous instruction
@@ -298,19 +301,11 @@ class FunctionCode:
                     elif memo is not None and p not in reldep:
                         s = starts[p]
                         raw = mem[s : s + sizes[p]]
-                        known = (raw, loc)
-                        res = memo.get(known)
+                        res = memo.get((raw, loc))
                         if res is None:
-                            res = step_bytes(raw, s, loc, ctx)
-                            if res is None:
-                                res = step_back(insn(p), loc, ctx)
-                            if type(res) is not Origin and type(res) is not Fork:
-                                memo[known] = res  # type: ignore[assignment]
+                            res = self._learn(p, raw, loc, ctx)
                     else:
-                        s = starts[p]
-                        res = step_bytes(mem[s : s + sizes[p]], s, loc, ctx)
-                        if res is None:
-                            res = step_back(insn(p), loc, ctx)
+                        res = self._step(p, loc, ctx)
                     cache[key] = res
                 t = type(res)
                 if t is Origin:
@@ -329,7 +324,7 @@ class FunctionCode:
                 seen.add(item)
                 steps += 1
                 if steps > MAX_STEPS:
-                    found[Origin("computed", detail="analysis budget exceeded")] = None
+                    found[_OVER_BUDGET] = None
                     return list(found)
                 k, loc = item
             else:
