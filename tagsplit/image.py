@@ -645,7 +645,7 @@ def _chained(mem: bytes, begins: list[int], ends: list[int], unwind: list[int], 
     UNWIND_INFO's flags say so) describes a fragment of another function; its chain is followed to the primary."""
     chain = UNW_FLAG_CHAININFO << 3
     inside = unwind if min(unwind) > 0 and max(unwind) < size - 4 else [u if 0 < u < size - 4 else 0 for u in unwind]
-    flags = _bytes_at(mem, inside)
+    flags = bytes_at(mem, inside)
     fragments = [i for i in compress(range(len(inside)), flags.translate(_CHAINED)) if inside[i]]
     roots = begins[:]
     if not fragments:
@@ -653,7 +653,7 @@ def _chained(mem: bytes, begins: list[int], ends: list[int], unwind: list[int], 
     # Nearly every chain is one link long, to a primary entry of the table: those are read a column at a time,
     # the others followed link by link below.
     ups = [unwind[i] for i in fragments]
-    offsets = [u + 4 + ((count + 1) & ~1) * 2 for u, count in zip(ups, _bytes_at(mem, [u + 2 for u in ups]))]
+    offsets = [u + 4 + ((count + 1) & ~1) * 2 for u, count in zip(ups, bytes_at(mem, [u + 2 for u in ups]))]
     longer = []
     if max(offsets) + 12 <= size:
         firsts = [_U32(mem, o)[0] for o in offsets]
@@ -695,8 +695,8 @@ _CHAINED = bytes(1 if b & (UNW_FLAG_CHAININFO << 3) else 0 for b in range(256))
 _U32 = struct.Struct("<I").unpack_from
 
 
-def _bytes_at(mem: bytes, positions: list[int]) -> bytes:
-    """mem[p] for each p, as one bytes object."""
+def bytes_at(mem: bytes | memoryview, positions: list[int]) -> bytes:
+    """mem[p] for each p, as one bytes object (gathered in C: the scanner reads columns of opcode bytes so)."""
     return bytes(operator.itemgetter(*positions)(mem)) if len(positions) > 1 else bytes(mem[p] for p in positions)
 
 

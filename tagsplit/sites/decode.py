@@ -39,6 +39,8 @@ from typing import Callable, NamedTuple
 import capstone
 from iced_x86 import Code, Decoder, EncodingKind, FlowControl, Mnemonic
 
+from ..image import bytes_at
+
 # Opcodes on which capstone 5 and iced-x86 1.x were seen to differ (length, or valid in one only) with at most one
 # legacy prefix, control flow excluded (it is classified separately).
 _RISKY_NAMES = (
@@ -332,21 +334,14 @@ _REL32_AT = struct.Struct("<i").unpack_from
 _REL16_AT = struct.Struct("<h").unpack_from
 
 
-def _bytes_at(mem: bytes, pos: list[int]) -> bytes:
-    """mem[p] for each p in pos, as one bytes object."""
-    if len(pos) == 1:
-        return bytes(mem[pos[0] : pos[0] + 1])
-    return bytes(operator.itemgetter(*pos)(mem))
-
-
 def _screened(mem: bytes, pos: list[int], bits: int) -> list[int]:
     """Indices of the instructions at `pos` whose opcode byte is in `_SCREEN`."""
-    first = _bytes_at(mem, pos).translate(_FIRST[bits])
+    first = bytes_at(mem, pos).translate(_FIRST[bits])
     if bits == 64 and b"\x02" in first:
         if pos[-1] + 1 < len(mem):
-            second = _bytes_at(memoryview(mem)[1:], pos)  # type: ignore[arg-type]
+            second = bytes_at(memoryview(mem)[1:], pos)
         else:
-            second = _bytes_at(mem, [min(p + 1, len(mem) - 1) for p in pos])
+            second = bytes_at(mem, [min(p + 1, len(mem) - 1) for p in pos])
         second = second.translate(_SECOND)
         n = len(pos)
         mask = (

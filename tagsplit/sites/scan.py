@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import gc
-import marshal
 import multiprocessing
 import os
 import pickle
@@ -157,18 +156,14 @@ class _Scanner:
             return find_refs(self.image, slots), find_tails(self.image, self.pool, self.cs)
         first, *others = split_code(self.image, 2)
 
-        def search(span: tuple[int, int]) -> bytes:
-            refs = find_refs(self.image, slots, span)
-            tails = find_tails(self.image, self.pool, self.cs, span)
-            return marshal.dumps(([(r.rva, r.size, r.kind, r.slot) for r in refs], tails.pic, tails.jmp_reg))
+        def search(span: tuple[int, int]) -> tuple[list[Ref], Tails]:
+            return find_refs(self.image, slots, span), find_tails(self.image, self.pool, self.cs, span)
 
-        with _Children(lambda span: [search(span)], others) as children:
-            own = search(first)
-            sent = children.finish()
-        got = [marshal.loads(b) for b in (own, *sent)]
-        refs = sorted((Ref._make(r) for g in got for r in g[0]), key=lambda r: r.rva)
-        pic = {k: v for g in got for k, v in g[1].items()}
-        return refs, Tails(pic, sorted(x for g in got for x in g[2]))
+        with _Children(lambda span: [pickle.dumps(search(span), pickle.HIGHEST_PROTOCOL)], others) as children:
+            got = [search(first), *map(pickle.loads, children.finish())]
+        refs = sorted((r for found, _ in got for r in found), key=lambda r: r.rva)
+        pic = {k: v for _, tails in got for k, v in tails.pic.items()}
+        return refs, Tails(pic, sorted(x for _, tails in got for x in tails.jmp_reg))
 
     def _analyse_in_parallel(self, work: list[tuple[int, tuple[tuple[int, int], ...]]], workers: int) -> Analysed:
         """Share the functions out between this process and forked children, in small chunks taken in turn as
@@ -196,17 +191,13 @@ class _Scanner:
         feeds: list[tuple[int, tuple[int, ...]]] = []
         with _Children(child, [None] * (workers - 1)) as children:
             for chunk in take():
-                got = self.analyse(chunk)
-                sites += got[0]
-                feeds += got[1]
-                for data in children.arrived():
-                    got = pickle.loads(data)
-                    sites += got[0]
-                    feeds += got[1]
-            for data in children.finish():
-                got = pickle.loads(data)
-                sites += got[0]
-                feeds += got[1]
+                got = [self.analyse(chunk), *map(pickle.loads, children.arrived())]
+                for more_sites, more_feeds in got:
+                    sites += more_sites
+                    feeds += more_feeds
+            for more_sites, more_feeds in map(pickle.loads, children.finish()):
+                sites += more_sites
+                feeds += more_feeds
         return sites, feeds
 
     def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> Analysed:
