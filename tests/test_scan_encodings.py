@@ -1,4 +1,4 @@
-"""`encodings.step_bytes` answers exactly as `semantics.step_back` does, wherever it answers at all."""
+"""`encodings.step_bytes` and `semantics.passes` answer exactly as `semantics.step_back` does, wherever they answer."""
 
 from __future__ import annotations
 
@@ -50,10 +50,14 @@ def _compare(arch: str, samples: list[tuple[bytes, int]]) -> int:
         insn = _text(cs, raw, rva)
         if insn is None:
             continue
+        stack_passes, regs_pass = semantics.passes(insn)
         for loc in LOCS:
             got = step_bytes(raw, rva, loc, ctx)
             if got is not None:
                 assert got == step_back(insn, loc, ctx), (raw.hex(), hex(rva), loc, insn.mnemonic, insn.op_str)
+                answered += 1
+            if (isinstance(loc, RegLoc) and loc.reg in regs_pass) or (isinstance(loc, StackLoc) and stack_passes):
+                assert step_back(insn, loc, ctx) == loc, ("passes", raw.hex(), loc, insn.mnemonic, insn.op_str)
                 answered += 1
     return answered
 
@@ -79,6 +83,8 @@ def _encodings(rnd: random.Random, arch: str) -> list[tuple[bytes, int]]:
                 (bytes([0x41, 0xB8 + reg]) + imm, rva),
                 (bytes([0x48, 0xC7, 0x44, 0x24, d8]) + imm, rva),
                 (bytes([0x48, 0xC7, 0x84, 0x24]) + d32 + imm, rva),
+                (b"\xff\x15" + d32, rva),
+                (b"\x48\xff\x15" + d32, rva),
             ]
     return out
 

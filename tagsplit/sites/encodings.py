@@ -1,12 +1,13 @@
 """The backward step of a few common encodings, read from their bytes instead of capstone's text.
 
-Most steps of the walk are answered by the memo (`flow.StepMemo`, keyed by instruction bytes). Three kinds of
+Most steps of the walk are answered by the memo (`flow.StepMemo`, keyed by instruction bytes). A few kinds of
 instruction miss it nearly every time, because their bytes are unique: the instruction that sets a tag
-(`mov r32, imm32`, `mov dword [rsp+d], imm32`, `push imm32` — one tag value each) and the direct `call rel32`
-(its bytes hold its target). Decoding their text and parsing it costs more than the rest of the walk. Their effect
-on a location follows from the encoding alone, and `step_bytes` gives exactly what `semantics.step_back` gives for
-them (tests/test_scan_encodings.py compares the two on every instruction of every sample driver); anything else,
-or any variant it does not recognise, is None: ask `step_back`.
+(`mov r32, imm32`, `mov dword [rsp+d], imm32`, `push imm32` — one tag value each), the direct `call rel32`
+(its bytes hold its target) and, on x64, `call qword ptr [rip + disp32]` (an IAT slot, addressed from each caller).
+Decoding their text and parsing it costs more than the rest of the walk. Their effect on a location follows from
+the encoding alone, and `step_bytes` gives exactly what `semantics.step_back` gives for them
+(tests/test_scan_encodings.py compares the two on every instruction of every sample driver); anything else, or any
+variant it does not recognise, is None: ask `step_back`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def step_bytes(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
         if b0 == 0x68 and not x64:
             return _push_imm(raw, rva, loc, ctx)
         return None
+    if x64 and raw[-6:-4] == b"\xff\x15" and (n == 6 or (n == 7 and b0 == 0x48)):
+        return _called64(rva, loc)  # call qword ptr [rip + disp32] (an IAT slot: unique bytes at every call)
     # mov dword/qword [rsp+disp8|disp32], imm32: C7 44 24 d8 / C7 84 24 d32 (REX.W 48 before: qword)
     rexw = x64 and b0 == 0x48
     op = raw[1:] if rexw else raw
@@ -81,6 +84,11 @@ def _call64(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
     target = (rva + 5 + int.from_bytes(raw[1:], "little", signed=True)) & 0xFFFFFFFFFFFFFFFF
     if target == rva + 5 or ctx.stub_body(target) is not None:
         return None  # `call $+5`, or a call into a stub whose instructions act for the caller
+    return _called64(rva, loc)
+
+
+def _called64(rva: int, loc: object) -> Step | None:
+    """A location across an x64 call whose callee is not a stub: the volatile registers and home area are lost."""
     if type(loc) is RegLoc:
         reg = loc.reg
         if reg not in VOLATILE["x64"]:

@@ -25,11 +25,13 @@ from .semantics import (
     Loc,
     Origin,
     RegLoc,
+    StackLoc,
     Step,
     branch_target,
     entry_origin,
     is_branch,
     parse_operands,
+    passes,
     step_back,
 )
 
@@ -55,6 +57,8 @@ class StepMemo:
     def __init__(self) -> None:
         self.text: dict[bytes, tuple[str, str]] = {}
         self.steps: dict[tuple[bytes, Loc], Loc] = {}
+        # `semantics.passes`: most first meetings of a (bytes, location) pair need no `step_back`
+        self.passing: dict[bytes, tuple[bool, frozenset[str]]] = {}
 
 
 class DecodeMismatch(Exception):
@@ -256,9 +260,22 @@ class FunctionCode:
 
     def _learn(self, p: int, raw: bytes, loc: Loc, ctx: Context) -> Step:
         """The step through instruction p (not in the memo yet), kept by its bytes where it is a location."""
-        step = self._read(p, raw, loc, ctx)
-        if self._memo is not None and type(step) is not Origin and type(step) is not Fork:
-            self._memo.steps[(raw, loc)] = step  # type: ignore[assignment]
+        memo = self._memo
+        assert memo is not None
+        known = memo.passing.get(raw)
+        step: Step | None = None
+        if known is None:
+            step = step_bytes(raw, self.starts[p], loc, ctx)
+            if step is None:
+                known = memo.passing[raw] = passes(self.insn(p))
+        if known is not None:
+            t = type(loc)
+            if (t is RegLoc and loc.reg in known[1]) or (t is StackLoc and known[0]):  # type: ignore[union-attr]
+                step = loc
+        if step is None:
+            step = step_back(self.insn(p), loc, ctx)
+        if type(step) is not Origin and type(step) is not Fork:
+            memo.steps[(raw, loc)] = step  # type: ignore[assignment]
         return step
 
     def _read(self, p: int, raw: bytes, loc: Loc, ctx: Context) -> Step:

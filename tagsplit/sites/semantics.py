@@ -310,6 +310,33 @@ for _i in range(8, 16):
     _FAMILY_NAMES[f"r{_i}"] = (f"r{_i}",)
 
 
+def passes(insn: Insn) -> tuple[bool, frozenset[str]]:
+    """The locations `step_back` passes through `insn` unchanged at its first test, for all locations at once: whether
+    every stack slot does, and the registers that do. The walk asks this once per instruction bytes instead of once
+    per (bytes, location); for anything else `step_back` decides."""
+    mn = insn.mnemonic
+    ops_text = insn.op_str
+    if mn in _IMPLICIT or mn.startswith(("rep", "lock")) or "sp" in ops_text or mn not in _PASSIVE:
+        return False, frozenset()
+    return True, _ALL_FAMILIES.difference(*map(_families_in, _WORDS.findall(ops_text)))
+
+
+_ALL_FAMILIES = frozenset(_FAMILY_NAMES)
+# Register names can only occur inside a word that starts with a letter (numbers are 0x-prefixed hex or decimal)
+_WORDS = re.compile(r"\b[a-z]\w*")
+_WORD_FAMILIES: dict[str, frozenset[str]] = {}
+
+
+def _families_in(word: str) -> frozenset[str]:
+    """The register families `step_back`'s substring test finds in `word` (capstone's operand words are few)."""
+    got = _WORD_FAMILIES.get(word)
+    if got is None:
+        got = _WORD_FAMILIES[word] = frozenset(
+            fam for fam, names in _FAMILY_NAMES.items() if any(n in word for n in names)
+        )
+    return got
+
+
 def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
     """Walk one instruction backwards: the location to keep following before `insn`, or the origin `insn` gives."""
     mn = insn.mnemonic
