@@ -24,14 +24,19 @@ LOCS: list[Loc] = [
     *(StackLoc(o) for o in range(-8, 0x48, 2)),
     FrameLoc("rbp", -8),
 ]
-STUB = 0x5000  # a call target that `stub_body` knows
+REXES = [bytes([r]) for r in range(0x40, 0x50)]
+STUB = 0x5000
+IAT = 0x7000  # an IAT slot that `import_at` knows  # a call target that `stub_body` knows
 
 
 def _ctx(arch: str) -> Context:
     def stub_body(target: int) -> tuple[tuple[Insn, ...], int] | None:
         return ((), 0) if target == STUB else None
 
-    return Context(arch, 0x140000000 if arch == "x64" else 0x10000, lambda _slot: None, lambda _insn: 8, stub_body)
+    def import_at(slot: int) -> str | None:
+        return "ExAllocatePoolWithTag" if slot == IAT else None
+
+    return Context(arch, 0x140000000 if arch == "x64" else 0x10000, import_at, lambda _insn: 8, stub_body)
 
 
 def _text(cs: capstone.Cs, raw: bytes, rva: int) -> Insn | None:
@@ -86,6 +91,10 @@ def _encodings(rnd: random.Random, arch: str) -> list[tuple[bytes, int]]:
                 (b"\xff\x15" + d32, rva),
                 (b"\x48\xff\x15" + d32, rva),
             ]
+            for op in (0x8B, 0x8D, 0x89):
+                for rex in (b"", rnd.choice(REXES)):
+                    to_iat = struct.pack("<i", IAT - rva - len(rex) - 6)
+                    out += [(rex + bytes([op, 0x05 | reg << 3]) + d, rva) for d in (d32, to_iat)]
     return out
 
 

@@ -3,7 +3,8 @@
 Most steps of the walk are answered by the memo (`flow.StepMemo`, keyed by instruction bytes). A few kinds of
 instruction miss it nearly every time, because their bytes are unique: the instruction that sets a tag
 (`mov r32, imm32`, `mov dword [rsp+d], imm32`, `push imm32` — one tag value each), the direct `call rel32`
-(its bytes hold its target) and, on x64, `call qword ptr [rip + disp32]` (an IAT slot, addressed from each caller).
+(its bytes hold its target) and, on x64, `call qword ptr [rip + disp32]` and moves between a register and
+[rip + disp32] (each addresses its global from where it is).
 Decoding their text and parsing it costs more than the rest of the walk. Their effect on a location follows from
 the encoding alone, and `step_bytes` gives exactly what `semantics.step_back` gives for them
 (tests/test_scan_encodings.py compares the two on every instruction of every sample driver); anything else, or any
@@ -34,6 +35,8 @@ def step_bytes(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
         return None
     if x64 and raw[-6:-4] == b"\xff\x15" and (n == 6 or (n == 7 and b0 == 0x48)):
         return _called64(rva, loc)  # call qword ptr [rip + disp32] (an IAT slot: unique bytes at every call)
+    if x64 and (n == 6 or (n == 7 and 0x40 <= b0 <= 0x4F)) and raw[-5] & 0xC7 == 0x05 and raw[-6] in _RIP_MOVES:
+        return _rip_move(raw, rva, loc, ctx)  # mov r, [rip + disp32]; lea r, [rip + disp32]; mov [rip + disp32], r
     # mov dword/qword [rsp+disp8|disp32], imm32: C7 44 24 d8 / C7 84 24 d32 (REX.W 48 before: qword)
     rexw = x64 and b0 == 0x48
     op = raw[1:] if rexw else raw
@@ -41,6 +44,32 @@ def step_bytes(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
         disp = int.from_bytes(op[3:-4], "little", signed=True)
         return _store_imm(disp, 8 if rexw else 4, raw, rva, loc)
     return None
+
+
+_RIP_MOVES = frozenset([0x8B, 0x8D, 0x89])
+
+
+def _rip_move(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+    """`mov`/`lea` between a register and [rip + disp32] (opcode 8B, 8D or 89, optionally behind a REX prefix)."""
+    opcode = raw[-6]
+    if opcode == 0x89:
+        return loc if type(loc) is RegLoc or type(loc) is StackLoc else None  # a store to a global
+    reg = (raw[-5] >> 3 & 7) + (8 if len(raw) == 7 and raw[0] & 4 else 0)
+    if reg == 4:
+        return None  # the stack pointer is loaded: as the text model says, in its own words
+    if type(loc) is StackLoc:
+        return loc
+    if type(loc) is not RegLoc:
+        return None  # a frame slot: the text model words its answer from the text
+    if loc.reg != _REG64[reg]:
+        return loc
+    if opcode == 0x8D:
+        return None  # the tracked register gets an address: described with the instruction's text
+    slot = rva + len(raw) + int.from_bytes(raw[-4:], "little", signed=True)
+    api = ctx.import_at(slot)
+    if api is not None:
+        return Origin("import", rva=rva, api=api, detail=f"IAT slot {slot:#x}")
+    return Origin("memory", rva=rva, detail=f"global at RVA {slot:#x}")
 
 
 def _imm_origin(raw: bytes, rva: int) -> Origin:

@@ -296,8 +296,8 @@ class _Scanner:
                     if api is not None:
                         yield self._site(code, k, api, model.THUNK, notes, mnemonic, target=target)
                 continue
-            if not has_load:
-                continue
+            if not has_load or raw[-6:-4] in (b"\xff\x15", b"\xff\x25"):
+                continue  # (`call`/`jmp` through [rip + disp32] or [disp32]: not through a register)
             insn = code.insn(k)
             if insn.mnemonic in ("call", "jmp"):
                 ops = parse_operands(insn.op_str)

@@ -316,6 +316,11 @@ def passes(insn: Insn) -> tuple[bool, frozenset[str]]:
     per (bytes, location); for anything else `step_back` decides."""
     mn = insn.mnemonic
     ops_text = insn.op_str
+    if mn in _SIMD_MOVES:
+        ops = parse_operands(ops_text)
+        return (True, _ALL_FAMILIES) if len(ops) == 2 and ops[0].kind == "other" else (False, frozenset())
+    if mn.startswith("lock "):
+        mn = mn[5:]  # the same operation on memory: it passes what the plain one passes
     if mn in _IMPLICIT or mn.startswith(("rep", "lock")) or "sp" in ops_text or mn not in _PASSIVE:
         return False, frozenset()
     return True, _ALL_FAMILIES.difference(*map(_families_in, _WORDS.findall(ops_text)))
