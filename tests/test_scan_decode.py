@@ -488,3 +488,15 @@ def test_a_worker_that_dies_is_reported(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(scan_mod._Scanner, "analyse", dying)
     with pytest.raises(RuntimeError, match="died"):
         scan_mod.scan_image(image)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 48, 95, 96, 97, 1000, 4751])
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_analysis_chunks_cover_the_work_once_in_order(n: int, workers: int) -> None:
+    from tagsplit.sites.scan import _chunks
+
+    for size in (1, 5, 48):
+        chunks = _chunks(list(range(n)), size, workers)
+        assert [x for c in chunks for x in c] == list(range(n))
+        assert all(0 < len(c) <= size for c in chunks)
+        assert [len(c) for c in chunks] == sorted((len(c) for c in chunks), reverse=True)

@@ -146,6 +146,7 @@ _RETRY = Layout([], [], [], [], [], [], [], [], [], [], [])
 _MAX_INSN = 15
 # Any byte that could start a relative jump: jcc/jmp/loop/jcxz rel8, jmp rel32, jcc rel32 (prefixes come before).
 _REL8 = re.compile(rb"[\x70-\x7f\xe0-\xe3\xeb]", re.S)
+_REL8_BACK = re.compile(rb"[\x70-\x7f\xe0-\xe3\xeb](?=[\x80-\xff])", re.S)  # ... with a negative displacement
 _REL32 = (re.compile(rb"\xe9", re.S), re.compile(rb"\x0f[\x80-\x8f]", re.S))
 
 
@@ -157,9 +158,12 @@ def _may_branch_into(mem: bytes, tail: list[tuple[int, int]], decoded: list[tupl
     one = len(decoded) == 1  # (nearly always: a function of one range)
     low = lo < 0x10000  # a 16-bit target (operand-size prefix) could land there too
     limit = len(mem)
+    # every tail byte lies at or after `hi`: below 64 KiB a 16-bit target can wrap around, else only a negative
+    # displacement reaches back
+    rel8 = _REL8 if low else _REL8_BACK
     for a, b in tail:
         # a rel8 lands at most 129 bytes before its opcode: only the start of the tail can reach back
-        for q in [m.end() for m in _REL8.finditer(mem, a, min(b, hi + 130, limit - 1))]:
+        for q in [m.end() for m in rel8.finditer(mem, a, min(b, hi + 130, limit - 1))]:
             t = q + 1 + ((mem[q] ^ 0x80) - 0x80)
             if (lo <= t < hi or (low and lo <= t & 0xFFFF < hi)) and (one or _lands(t, decoded, low)):
                 return True

@@ -170,7 +170,7 @@ class _Scanner:
         each process gets free: a static split leaves one process idle whenever the other runs slower (on a shared
         machine it often does). The children send back the sites of each chunk as they go."""
         ctx = multiprocessing.get_context("fork")
-        chunks = [work[i : i + PARALLEL_CHUNK] for i in range(0, len(work), PARALLEL_CHUNK)]
+        chunks = _chunks(work, PARALLEL_CHUNK, workers)
         taken = ctx.RawValue("l", 0)  # chunks handed out so far, shared by all the processes
         lock = ctx.Lock()
 
@@ -412,6 +412,17 @@ Analysed = tuple[list[CallSite], list[tuple[int, tuple[int, ...]]]]  # sites, (R
 PARALLEL_MIN_FUNCTIONS = 400
 PARALLEL_SEARCH_BYTES = 4 << 20  # code below this is searched in one process: a fork costs more than it saves
 PARALLEL_CHUNK = 48  # functions handed to a process at a time
+_W = TypeVar("_W")
+
+
+def _chunks(work: list[_W], size: int, workers: int) -> list[list[_W]]:
+    """`work` in chunks of `size`, the last few a quarter of that: when the work runs out, a process still busy with
+    its last chunk keeps the others waiting for less."""
+    small = max(1, size // 4)
+    head = max(0, len(work) - 4 * small * workers) // size * size
+    return [work[i : i + size] for i in range(0, head, size)] + [
+        work[i : i + small] for i in range(head, len(work), small)
+    ]
 
 
 def _cores() -> int:
