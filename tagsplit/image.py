@@ -659,7 +659,7 @@ def _chained(mem: bytes, begins: list[int], ends: list[int], unwind: list[int], 
         firsts = [_U32(mem, o)[0] for o in offsets]
         for i, root in zip(fragments, firsts):
             j = bisect.bisect_left(begins, root)
-            if j < len(begins) and begins[j] == root and not mem[unwind[j]] & chain:
+            if j < len(begins) and begins[j] == root and not (inside[j] and mem[inside[j]] & chain):
                 roots[i] = root
             else:
                 longer.append(i)

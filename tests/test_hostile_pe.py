@@ -159,6 +159,21 @@ def _pdata(entries: list[tuple[int, int, int]], *, chain_loop: bool = False) -> 
     return pe.bytes()
 
 
+def _pdata_chained_to_unwind_outside() -> bytes:
+    """A fragment chained (one link) to a primary entry whose unwind info lies outside the image."""
+    pe = x64()
+    entries = [(0x1000, 0x1010, 0xFFFFFF00), (0x1020, 0x1030, 0)]
+    rva = pe.add_section(bytes(12 * len(entries) + 16))
+    ui = rva + 12 * len(entries)
+    entries[1] = (0x1020, 0x1030, ui)
+    payload = b"".join(struct.pack("<III", *e) for e in entries)
+    payload += struct.pack("<BBBB", 1 | (4 << 3), 0, 0, 0) + struct.pack("<III", *entries[0])
+    off = struct.unpack_from("<I", pe.d, pe.section(pe.nsec - 1) + 20)[0]
+    pe.d[off : off + len(payload)] = payload
+    pe.dir(3, rva, 12 * len(entries))
+    return pe.bytes()
+
+
 def _relocs_hostile() -> bytes:
     pe = x86()
     payload = bytearray()
@@ -227,6 +242,7 @@ CASES: dict[str, Case] = {
                                               None),
     ".pdata chained unwind loop": Case(lambda: _pdata([(0x1000 + 16 * i, 0x1010 + 16 * i, 0) for i in range(40)],
                                                       chain_loop=True), None),
+    ".pdata chained to unwind info outside the image": Case(_pdata_chained_to_unwind_outside, None),
     ".reloc hostile blocks": Case(_relocs_hostile, None),
     "arm64": Case(lambda: x64().put(x64().pe + 4, "<H", 0xAA64).bytes(), "unsupported architecture ARM64"),
     "x86 magic on x64": Case(lambda: x64().put(x64().opt, "<H", 0x10B).bytes(), ""),
