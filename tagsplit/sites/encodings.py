@@ -13,12 +13,12 @@ variant it does not recognise, is None: ask `step_back`.
 
 from __future__ import annotations
 
-from .semantics import VOLATILE, Context, Origin, RegLoc, StackLoc, Step
+from .semantics import Context, Loc, Origin, RegLoc, StackLoc, Step, across_call, global_origin
 
 _REG64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
-def step_bytes(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+def step_bytes(raw: bytes, rva: int, loc: Loc, ctx: Context) -> Step | None:
     """What `step_back` makes of `loc` through the instruction `raw` at `rva`, or None where the bytes do not say."""
     n = len(raw)
     b0 = raw[0]
@@ -34,7 +34,7 @@ def step_bytes(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
             return _push_imm(raw, rva, loc, ctx)
         return None
     if x64 and raw[-6:-4] == b"\xff\x15" and (n == 6 or (n == 7 and b0 == 0x48)):
-        return _called64(rva, loc)  # call qword ptr [rip + disp32] (an IAT slot: unique bytes at every call)
+        return across_call(rva, loc, "x64")  # call qword ptr [rip + disp32] (an IAT slot: unique bytes at every call)
     if x64 and (n == 6 or (n == 7 and 0x40 <= b0 <= 0x4F)) and raw[-5] & 0xC7 == 0x05 and raw[-6] in _RIP_MOVES:
         return _rip_move(raw, rva, loc, ctx)  # mov r, [rip + disp32]; lea r, [rip + disp32]; mov [rip + disp32], r
     # mov dword/qword [rsp+disp8|disp32], imm32: C7 44 24 d8 / C7 84 24 d32 (REX.W 48 before: qword)
@@ -49,7 +49,7 @@ def step_bytes(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
 _RIP_MOVES = frozenset([0x8B, 0x8D, 0x89])
 
 
-def _rip_move(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+def _rip_move(raw: bytes, rva: int, loc: Loc, ctx: Context) -> Step | None:
     """`mov`/`lea` between a register and [rip + disp32] (opcode 8B, 8D or 89, optionally behind a REX prefix)."""
     opcode = raw[-6]
     if opcode == 0x89:
@@ -65,11 +65,7 @@ def _rip_move(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
         return loc
     if opcode == 0x8D:
         return None  # the tracked register gets an address: described with the instruction's text
-    slot = rva + len(raw) + int.from_bytes(raw[-4:], "little", signed=True)
-    api = ctx.import_at(slot)
-    if api is not None:
-        return Origin("import", rva=rva, api=api, detail=f"IAT slot {slot:#x}")
-    return Origin("memory", rva=rva, detail=f"global at RVA {slot:#x}")
+    return global_origin(rva, rva + len(raw) + int.from_bytes(raw[-4:], "little", signed=True), ctx)
 
 
 def _imm_origin(raw: bytes, rva: int) -> Origin:
@@ -78,7 +74,7 @@ def _imm_origin(raw: bytes, rva: int) -> Origin:
     return Origin("imm", value=value, rva=rva, imm_offset=len(raw) - 4)
 
 
-def _mov_imm(reg: int, raw: bytes, rva: int, loc: object) -> Step | None:
+def _mov_imm(reg: int, raw: bytes, rva: int, loc: Loc) -> Step | None:
     if reg == 4:
         return None  # mov esp, imm: the stack is lost, as the text model says in its own words
     if type(loc) is RegLoc:
@@ -88,7 +84,7 @@ def _mov_imm(reg: int, raw: bytes, rva: int, loc: object) -> Step | None:
     return None
 
 
-def _store_imm(disp: int, size: int, raw: bytes, rva: int, loc: object) -> Step | None:
+def _store_imm(disp: int, size: int, raw: bytes, rva: int, loc: Loc) -> Step | None:
     if type(loc) is RegLoc:
         return loc
     if type(loc) is StackLoc:
@@ -97,7 +93,7 @@ def _store_imm(disp: int, size: int, raw: bytes, rva: int, loc: object) -> Step 
     return None
 
 
-def _push_imm(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+def _push_imm(raw: bytes, rva: int, loc: Loc, ctx: Context) -> Step | None:
     if type(loc) is RegLoc:
         return loc
     if type(loc) is StackLoc:
@@ -109,24 +105,8 @@ def _push_imm(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
     return None
 
 
-def _call64(raw: bytes, rva: int, loc: object, ctx: Context) -> Step | None:
+def _call64(raw: bytes, rva: int, loc: Loc, ctx: Context) -> Step | None:
     target = (rva + 5 + int.from_bytes(raw[1:], "little", signed=True)) & 0xFFFFFFFFFFFFFFFF
     if target == rva + 5 or ctx.stub_body(target) is not None:
         return None  # `call $+5`, or a call into a stub whose instructions act for the caller
-    return _called64(rva, loc)
-
-
-def _called64(rva: int, loc: object) -> Step | None:
-    """A location across an x64 call whose callee is not a stub: the volatile registers and home area are lost."""
-    if type(loc) is RegLoc:
-        reg = loc.reg
-        if reg not in VOLATILE["x64"]:
-            return loc
-        if reg == "rax":
-            return Origin("computed", rva=rva, detail=f"return value of the call at {rva:#x}")
-        return Origin("register", rva=rva, detail=f"{reg} is clobbered by the call at {rva:#x}")
-    if type(loc) is StackLoc:
-        if loc.offset < 0x20:
-            return Origin("stack", rva=rva, detail="home-area slot reused across a call")
-        return loc
-    return None
+    return across_call(rva, loc, "x64")

@@ -285,12 +285,17 @@ def _source(insn: Insn, op: Op, ctx: Context, loc_width_ok: bool = True) -> Step
         elif m.base is None and m.index is None and m.segment is None:
             slot = (m.disp - ctx.image_base) & 0xFFFFFFFFFFFFFFFF
         if slot is not None:
-            api = ctx.import_at(slot)
-            if api is not None:
-                return Origin("import", rva=insn.rva, api=api, detail=f"IAT slot {slot:#x}")
-            return Origin("memory", rva=insn.rva, detail=f"global at RVA {slot:#x}")
+            return global_origin(insn.rva, slot, ctx)
         return Origin("memory", rva=insn.rva, detail=f"`{insn.mnemonic} {insn.op_str}`")
     return Origin("computed", rva=insn.rva, detail=f"`{insn.mnemonic} {insn.op_str}`")
+
+
+def global_origin(rva: int, slot: int, ctx: Context) -> Origin:
+    """The origin of a value the instruction at `rva` loads from the global at RVA `slot` (an IAT slot or not)."""
+    api = ctx.import_at(slot)
+    if api is not None:
+        return Origin("import", rva=rva, api=api, detail=f"IAT slot {slot:#x}")
+    return Origin("memory", rva=rva, detail=f"global at RVA {slot:#x}")
 
 
 _PASSIVE = _NO_EFFECT | _JCC | _KNOWN_SIMPLE
@@ -317,13 +322,23 @@ def passes(insn: Insn) -> tuple[bool, frozenset[str]]:
     mn = insn.mnemonic
     ops_text = insn.op_str
     if mn in _SIMD_MOVES:
-        ops = parse_operands(ops_text)
-        return (True, _ALL_FAMILIES) if len(ops) == 2 and ops[0].kind == "other" else (False, frozenset())
+        return (True, _ALL_FAMILIES) if _into_xmm(parse_operands(ops_text)) else (False, frozenset())
     if mn.startswith("lock "):
         mn = mn[5:]  # the same operation on memory: it passes what the plain one passes
-    if mn in _IMPLICIT or mn.startswith(("rep", "lock")) or "sp" in ops_text or mn not in _PASSIVE:
+    if not _passive(mn, ops_text):
         return False, frozenset()
     return True, _ALL_FAMILIES.difference(*map(_families_in, _WORDS.findall(ops_text)))
+
+
+def _passive(mn: str, ops_text: str) -> bool:
+    """`step_back`'s first test: an instruction with no implicit effect and no stack pointer in its text, of a kind
+    that writes at most the registers and memory its text names."""
+    return mn not in _IMPLICIT and not mn.startswith(("rep", "lock")) and "sp" not in ops_text and mn in _PASSIVE
+
+
+def _into_xmm(ops: tuple[Op, ...]) -> bool:
+    """The operands of an SSE move (`_SIMD_MOVES`) that writes only an xmm register."""
+    return len(ops) == 2 and ops[0].kind == "other"
 
 
 _ALL_FAMILIES = frozenset(_FAMILY_NAMES)
@@ -346,16 +361,11 @@ def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
     """Walk one instruction backwards: the location to keep following before `insn`, or the origin `insn` gives."""
     mn = insn.mnemonic
     # Most instructions on a path neither name the tracked register nor touch the stack: pass them quickly.
-    if mn not in _IMPLICIT and not mn.startswith(("rep", "lock")):
-        ops_text = insn.op_str
+    if _passive(mn, insn.op_str):
         if isinstance(loc, RegLoc):
-            if (
-                not any(n in ops_text for n in _FAMILY_NAMES.get(loc.reg, (loc.reg,)))
-                and "sp" not in ops_text
-                and (mn in _NO_EFFECT or mn in _JCC or mn in _KNOWN_SIMPLE)
-            ):
+            if not any(n in insn.op_str for n in _FAMILY_NAMES.get(loc.reg, (loc.reg,))):
                 return loc
-        elif isinstance(loc, StackLoc) and "sp" not in ops_text and mn in _PASSIVE:
+        elif isinstance(loc, StackLoc):
             return loc
     if mn.startswith("rep ") or mn.startswith("repne ") or mn.startswith("repe "):
         return _fallback(insn, loc, ctx)
@@ -457,7 +467,7 @@ def step_back(insn: Insn, loc: Loc, ctx: Context) -> Step:
                 return Origin("computed", rva=insn.rva)
             return Fork((loc, came))
         return loc
-    if mn in _SIMD_MOVES and len(ops) == 2 and ops[0].kind == "other":
+    if mn in _SIMD_MOVES and _into_xmm(ops):
         return loc  # only an xmm register is written (stores to memory are left to `_fallback`)
     if mn in _ARITH:
         if not ops:
@@ -512,22 +522,28 @@ def _call(insn: Insn, loc: Loc, ctx: Context) -> Step:
                 return Origin("computed", rva=insn.rva, detail="a stub's return address")
             return StackLoc(inner.offset - ctx.ptr)
         return inner
-    if isinstance(loc, RegLoc):
-        if loc.reg in VOLATILE[ctx.arch]:
-            if loc.reg == "rax":
-                return Origin("computed", rva=insn.rva, detail=f"return value of the call at {insn.rva:#x}")
-            return Origin("register", rva=insn.rva, detail=f"{loc.reg} is clobbered by the call at {insn.rva:#x}")
-        return loc
+    if isinstance(loc, RegLoc) or ctx.arch == "x64":
+        return across_call(insn.rva, loc, ctx.arch)
     if isinstance(loc, StackLoc):
-        if ctx.arch == "x64":
-            if loc.offset < 0x20:
-                return Origin("stack", rva=insn.rva, detail="home-area slot reused across a call")
-            return loc
         pop = ctx.call_pop(insn)
         if pop is None:
             return Origin("stack", rva=insn.rva, detail=f"unknown stack effect of the call at {insn.rva:#x}")
         # the callee removed its arguments: after the call the stack pointer is `pop` bytes higher
         return StackLoc(loc.offset + pop)
+    return loc
+
+
+def across_call(rva: int, loc: Loc, arch: str) -> Step:
+    """A register, or on x64 any location, across the call at `rva` to an ordinary routine: the volatile registers
+    and (x64) the home area are lost. (x86 stack slots depend on what the callee pops: see `_call`.)"""
+    if isinstance(loc, RegLoc):
+        if loc.reg in VOLATILE[arch]:
+            if loc.reg == "rax":
+                return Origin("computed", rva=rva, detail=f"return value of the call at {rva:#x}")
+            return Origin("register", rva=rva, detail=f"{loc.reg} is clobbered by the call at {rva:#x}")
+        return loc
+    if arch == "x64" and isinstance(loc, StackLoc) and loc.offset < 0x20:
+        return Origin("stack", rva=rva, detail="home-area slot reused across a call")
     return loc
 
 
