@@ -5,13 +5,15 @@ from __future__ import annotations
 import bisect
 import gc
 import multiprocessing
+import operator
 import os
 import pickle
 import re
 import struct
 import threading
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from contextlib import contextmanager
+from itertools import chain, compress
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import capstone
@@ -141,7 +143,7 @@ class _Scanner:
             sites, feeds = self._analyse_in_parallel(work, workers)
         else:
             sites, feeds = self.analyse(work)
-        self._memo = StepMemo()  # let it go now, while the collector is paused (scan_image)
+            self._memo = StepMemo()  # let it go now, while the collector is paused (scan_image)
         # in RVA order, read from `feeds`: thousands of scattered site objects cost more to visit than these tuples
         rvas = [rva for rva, _ in feeds]
         order = sorted(range(len(sites)), key=rvas.__getitem__)
@@ -174,30 +176,35 @@ class _Scanner:
         taken = ctx.RawValue("l", 0)  # chunks handed out so far, shared by all the processes
         lock = ctx.Lock()
 
-        def take() -> Iterator[list[tuple[int, tuple[tuple[int, int], ...]]]]:
+        def take() -> Iterator[tuple[int, list[tuple[int, tuple[tuple[int, int], ...]]]]]:
             while True:
                 with lock:
                     i = taken.value
                     taken.value = i + 1
                 if i >= len(chunks):
                     return
-                yield chunks[i]
+                yield i, chunks[i]
 
         # pickle rebuilds a dataclass by filling its __dict__ in C, faster than any constructor called from Python
         def child(_: None) -> Iterator[bytes]:
-            return (pickle.dumps(self.analyse(chunk), pickle.HIGHEST_PROTOCOL) for chunk in take())
+            return (pickle.dumps((i, self.analyse(chunk)), pickle.HIGHEST_PROTOCOL) for i, chunk in take())
 
+        done: list[Analysed | None] = [None] * len(chunks)
+        with _Children(child, [None] * (workers - 1)) as children:
+            for i, chunk in take():
+                done[i] = self.analyse(chunk)
+                for j, got in map(pickle.loads, children.arrived()):
+                    done[j] = got
+            self._memo = StepMemo()  # let it go while the children finish their last chunks
+            for j, got in map(pickle.loads, children.finish()):
+                done[j] = got
+        # in the order of the work (function entries): nearly the sites' RVA order, which makes sorting them cheap
         sites: list[CallSite] = []
         feeds: list[tuple[int, tuple[int, ...]]] = []
-        with _Children(child, [None] * (workers - 1)) as children:
-            for chunk in take():
-                got = [self.analyse(chunk), *map(pickle.loads, children.arrived())]
-                for more_sites, more_feeds in got:
-                    sites += more_sites
-                    feeds += more_feeds
-            for more_sites, more_feeds in map(pickle.loads, children.finish()):
-                sites += more_sites
-                feeds += more_feeds
+        for got in done:
+            assert got is not None
+            sites += got[0]
+            feeds += got[1]
         return sites, feeds
 
     def analyse(self, work: list[tuple[int, tuple[tuple[int, int], ...]]]) -> Analysed:
@@ -608,22 +615,26 @@ def _feed(site: CallSite) -> tuple[int, tuple[int, ...]]:
 
 
 def _mark_shared(sites: list[CallSite], feeds: list[tuple[int, tuple[int, ...]]]) -> list[CallSite]:
-    by_insn: dict[int, list[int]] = defaultdict(list)  # tag instruction -> the sites it feeds
-    for rva, insns in feeds:
-        for r in insns:
-            by_insn[r].append(rva)
-    # Most tag instructions feed one site: only the sites of the others change.
-    shared = {r: fed for r, fed in by_insn.items() if len(fed) > 1}
+    # Most tag instructions feed one site: the few that feed several are found by counting (in C), and only the
+    # sites they feed are visited and changed.
+    insns_of = operator.itemgetter(1)
+    counts = Counter(chain.from_iterable(map(insns_of, feeds)))
+    shared = {r for r, n in counts.items() if n > 1}
     if not shared:
         return sites
-    touched = {x for fed in shared.values() for x in fed}
-    out = []
-    for s, (rva, insns) in zip(sites, feeds):
-        if rva in touched:
-            others = {x for r in insns for x in shared.get(r, ()) if x != rva}
-            if others:
-                s = model.replaced(s, shared_with=tuple(sorted(others)))
-        out.append(s)
+    feeding = list(compress(range(len(feeds)), map(operator.not_, map(shared.isdisjoint, map(insns_of, feeds)))))
+    by_insn: dict[int, list[int]] = defaultdict(list)  # shared tag instruction -> the sites it feeds
+    for i in feeding:
+        rva, insns = feeds[i]
+        for r in insns:
+            if r in shared:
+                by_insn[r].append(rva)
+    out = list(sites)
+    for i in feeding:
+        rva, insns = feeds[i]
+        others = {x for r in insns for x in by_insn.get(r, ()) if x != rva}
+        if others:
+            out[i] = model.replaced(sites[i], shared_with=tuple(sorted(others)))
     return out
 
 
