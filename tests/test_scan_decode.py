@@ -376,10 +376,14 @@ def test_chunked_searches_find_what_the_plain_expressions_find() -> None:
     cuts = sorted({0, size, *(rnd.randrange(0x1000, size) for _ in range(6)), *(r.rva + 1 for r in want[:40:7])})
     parts = [refs.find_refs(image, slots, span) for span in zip(cuts, cuts[1:])]  # type: ignore[arg-type]
     assert sorted((r for part in parts for r in part), key=lambda r: r.rva) == want
+    branches = refs.direct_branches_to(image, targets)  # type: ignore[arg-type]
+    pieces = [refs.direct_branches_to(image, targets, span) for span in zip(cuts, cuts[1:])]  # type: ignore[arg-type]
+    assert [b for piece in pieces for b in piece] == branches
     # `jmp reg` starts, with a REX byte just before a cut
     jr = bytearray(b"\x90" * 64)
     jr[10:13] = b"\x41\xff\xe3"
     jr[30:32] = b"\xff\xe0"
+    jr[60:62] = b"\xff\xe1"  # its second byte lies past the section's end
     fake = _Fake(bytes(jr), base=0)
     fake.arch = "x64"
     whole = stubs.find_tails(fake, {}, None).jmp_reg  # type: ignore[arg-type]
@@ -387,6 +391,13 @@ def test_chunked_searches_find_what_the_plain_expressions_find() -> None:
     for cut in range(1, 40):
         halves = [stubs.find_tails(fake, {}, None, span).jmp_reg for span in ((0, cut), (cut, 64))]  # type: ignore[arg-type]
         assert halves[0] + halves[1] == whole, cut
+        # found in find_refs' pass over the FF bytes instead
+        by_refs = []
+        for span in ((0, cut), (cut, 64)):
+            found: list[int] = []
+            refs.find_refs(fake, set(), span, found)  # type: ignore[arg-type]
+            by_refs += stubs.find_tails(fake, {}, None, span, found).jmp_reg  # type: ignore[arg-type]
+        assert by_refs == whole, cut
 
 
 @pytest.mark.parametrize("path", [p for p in DRIVERS if p.suffix == ".sys"][:20], ids=lambda p: p.name)
@@ -399,9 +410,15 @@ def test_searches_on_drivers_match_the_plain_expressions(path: Path) -> None:
     assert refs.direct_branches_to(image, targets) == _branches_old(image, targets)
     # `jmp reg` tails: the literal search plus the REX byte before it, as the old optional-REX expression
     old = re.compile(rb"(?:[\x40-\x4f])?\xff[\xe0-\xe7]" if image.arch == "x64" else rb"\xff[\xe0-\xe7]", re.S)
+    everywhere = []
     for sec in image.code_sections():
         want = [m.start() for m in old.finditer(image.mem, sec.rva, sec.end)]
         assert stubs.jmp_reg_starts(image.mem, sec.rva, sec.end, image.arch == "x64") == want
+        everywhere += want
+    if image.arch == "x64":  # found in the same pass as the IAT references
+        found: list[int] = []
+        assert refs.find_refs(image, slots, None, found) == _find_refs_old(image, slots)
+        assert found == everywhere
 
 
 # --- the parallel split ------------------------------------------------------------------------------------------
@@ -464,7 +481,8 @@ def test_tag_occurrences_agree_with_brute_force(
     assert scan_mod._occurrences(mem, spans, tags[:3]) == {v: want[v] for v in tags[:3]}  # (a few: per tag)
 
 
-def test_a_worker_that_dies_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stage", ["analysis", "search"])
+def test_a_worker_that_dies_is_reported(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A forked worker that dies mid-scan (a crash in a native library, say) is an error, not missing sites."""
     import multiprocessing
     import os
@@ -482,10 +500,21 @@ def test_a_worker_that_dies_is_reported(monkeypatch: pytest.MonkeyPatch) -> None
             os._exit(3)
         return analyse(self, work)
 
+    find_refs = scan_mod.find_refs
+
+    def dying_search(*args: object) -> object:
+        if os.getpid() != parent:
+            os._exit(3)
+        return find_refs(*args)  # type: ignore[arg-type]
+
     monkeypatch.setattr(scan_mod, "PARALLEL_MIN_FUNCTIONS", 1)
     monkeypatch.setattr(scan_mod, "PARALLEL_CHUNK", 1)
     monkeypatch.setattr(scan_mod.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(scan_mod._Scanner, "analyse", dying)
+    if stage == "analysis":
+        monkeypatch.setattr(scan_mod._Scanner, "analyse", dying)
+    else:
+        monkeypatch.setattr(scan_mod, "PARALLEL_SEARCH_BYTES", 0)
+        monkeypatch.setattr(scan_mod, "find_refs", dying_search)
     with pytest.raises(RuntimeError, match="died"):
         scan_mod.scan_image(image)
 

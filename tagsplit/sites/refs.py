@@ -108,9 +108,14 @@ def split_code(image: Image, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
-def find_refs(image: Image, slots: set[int], span: tuple[int, int] | None = None) -> list[Ref]:
+def find_refs(
+    image: Image, slots: set[int], span: tuple[int, int] | None = None, jmp_reg: list[int] | None = None
+) -> list[Ref]:
     """Every instruction-shaped reference to one of the IAT `slots` in the executable sections; with `span`, those
-    whose opcode byte lies in it (the searches of disjoint spans can run in parallel and together find the same)."""
+    whose opcode byte lies in it (the searches of disjoint spans can run in parallel and together find the same).
+
+    x64: with `jmp_reg`, also the start of every `jmp reg` (`[REX] FF E0+r`, as `stubs.jmp_reg_starts` finds them)
+    is added to it: the same pass over the FF bytes finds both."""
     out: list[Ref] = []
     mem = image.mem
     if image.arch == "x64":
@@ -122,10 +127,16 @@ def find_refs(image: Image, slots: set[int], span: tuple[int, int] | None = None
                 # the opcode byte (FF, or 8B after its REX) at p in [c, ce); slot = p + 6 + rel32
                 rel = rel32_pattern((a - (ce - 1) - 6, b - c - 6) for a, b in groups)
                 stop = min(len(mem), ce + 6)
-                for m in _compiled(b"\\xff(?=[\\x15\\x25]" + rel + b")").finditer(mem, c, stop):
+                ff = b"\\xff(?=[\\x15\\x25]" + rel + (b"|[\\xe0-\\xe7])" if jmp_reg is not None else b")")
+                for m in _compiled(ff).finditer(mem, c, stop):
                     start = m.start()
                     if start >= ce:
                         break
+                    if mem[start + 1] >= 0xE0:  # jmp reg
+                        if start + 2 <= sec_end:
+                            rex = start > sec_rva and 0x40 <= mem[start - 1] <= 0x4F
+                            jmp_reg.append(start - 1 if rex else start)  # type: ignore[union-attr]
+                        continue
                     slot = start + 6 + unpack("<i", mem, start + 2)[0]
                     if slot not in slots or start + 2 > sec_end:
                         continue
@@ -181,18 +192,21 @@ def _x86_ref(mem: bytes, pos: int, slot: int) -> Ref | None:
     return None
 
 
-def direct_branches_to(image: Image, targets: set[int]) -> list[tuple[int, int, bool]]:
-    """(rva, target, is_call) of every E8/E9 rel32 in executable sections that lands on one of `targets`."""
+def direct_branches_to(
+    image: Image, targets: set[int], span: tuple[int, int] | None = None
+) -> list[tuple[int, int, bool]]:
+    """(rva, target, is_call) of every E8/E9 rel32 in executable sections that lands on one of `targets`; with
+    `span`, those whose opcode byte lies in it."""
     out: list[tuple[int, int, bool]] = []
     if not targets:
         return out
     mem = image.mem
     unpack = struct.unpack_from
     groups = _clusters(targets)
-    for sec in image.code_sections():
-        end = sec.end - 4  # the rel32 lies inside the section
+    for _, sec_end, begin, limit in code_spans(image, span):
+        end = min(limit, sec_end - 4)  # the rel32 lies inside the section
         found: list[tuple[int, int, bool]] = []
-        for c in range(sec.rva, end, CHUNK):
+        for c in range(begin, end, CHUNK):
             ce = min(c + CHUNK, end)
             # the opcode at p in [c, ce); target = p + 5 + rel32
             rel = rel32_pattern((a - (ce - 1) - 5, b - c - 5) for a, b in groups)

@@ -22,9 +22,9 @@ from .. import apis
 from . import model
 from .flow import DecodeMismatch, FunctionCode, StepMemo
 from .model import CallSite, DriverScan, Instruction, TagSource, make
-from .refs import JMP_MEM, LOAD, FunctionStarts, Ref, find_refs, split_code
+from .refs import CHUNK, JMP_MEM, LOAD, FunctionStarts, Ref, direct_branches_to, find_refs, split_code
 from .semantics import Context, Fork, Insn, Loc, Origin, RegLoc, StackLoc, branch_target, parse_operands, step_back
-from .stubs import Stub, Tails, find_stubs, find_tails
+from .stubs import Stub, Tails, find_stubs, find_tails, stub_tails, stub_window
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -117,8 +117,8 @@ class _Scanner:
     def run(self) -> list[CallSite]:
         if not self.pool:
             return []
-        refs, tails = self._search()
-        stubs, callers, unused = find_stubs(self.image, refs, self.pool, self.cs, tails)
+        refs, tails, branches = self._search()
+        stubs, callers, unused = find_stubs(self.image, refs, self.pool, self.cs, tails, branches)
         self.stubs = stubs
         stub_insns = {i.rva for st in stubs.values() for i in st.insns}
         self.thunks = {**{e: True for e, st in stubs.items() if st.is_plain_thunk}, **{t: False for t in unused}}
@@ -149,41 +149,60 @@ class _Scanner:
         order = sorted(range(len(sites)), key=rvas.__getitem__)
         return _mark_shared([sites[i] for i in order], [feeds[i] for i in order])
 
-    def _search(self) -> tuple[list[Ref], Tails]:
-        """The byte searches (IAT references, stub endings): over halves of the code in two processes where the
-        code is large enough for that to pay."""
+    def _search(self) -> tuple[list[Ref], Tails, list[tuple[int, int, bool]] | None]:
+        """The byte searches: IAT references, stub endings and, where the code is large enough for several
+        processes to pay, the direct branches into the stubs' window (else `find_stubs` searches those).
+
+        The processes take the code's 1 MiB parts in turn; the window needs the stub endings of all of them, so this
+        process sends it on before all search their parts again for branches into it."""
         slots = set(self.pool)
         code = sum(s.size for s in self.image.code_sections())
         if code < PARALLEL_SEARCH_BYTES or _cores() < 2:
-            return find_refs(self.image, slots), find_tails(self.image, self.pool, self.cs)
-        first, *others = split_code(self.image, 2)
+            return find_refs(self.image, slots), find_tails(self.image, self.pool, self.cs), None
+        processes = _cores()
+        spans = split_code(self.image, max(-(-code // CHUNK), 2 * processes))
+        searches, sweeps = _Shares(len(spans)), _Shares(len(spans))
+        x64 = self.image.arch == "x64"
 
-        def search(span: tuple[int, int]) -> tuple[list[Ref], Tails]:
-            return find_refs(self.image, slots, span), find_tails(self.image, self.pool, self.cs, span)
+        def search() -> list[tuple[list[Ref], Tails]]:
+            out = []
+            for i in searches:
+                jmp_reg: list[int] | None = [] if x64 else None
+                refs = find_refs(self.image, slots, spans[i], jmp_reg)
+                out.append((refs, find_tails(self.image, self.pool, self.cs, spans[i], jmp_reg)))
+            return out
 
-        with _Children(lambda span: [pickle.dumps(search(span), pickle.HIGHEST_PROTOCOL)], others) as children:
-            got = [search(first), *map(pickle.loads, children.finish())]
-        refs = sorted((r for found, _ in got for r in found), key=lambda r: r.rva)
-        pic = {k: v for _, tails in got for k, v in tails.pic.items()}
-        return refs, Tails(pic, sorted(x for _, tails in got for x in tails.jmp_reg))
+        def sweep(window: set[int]) -> list[tuple[int, int, bool]]:
+            return [b for i in sweeps for b in direct_branches_to(self.image, window, spans[i])]
+
+        def child(_: None, listen: Callable[[], bytes]) -> Iterator[bytes]:
+            yield pickle.dumps(search(), pickle.HIGHEST_PROTOCOL)
+            yield pickle.dumps(sweep(pickle.loads(listen())), pickle.HIGHEST_PROTOCOL)
+
+        others = [None] * (processes - 1)
+        with _Children(child, others, talk=True) as children:
+            got = search()
+            for more in map(pickle.loads, children.receive(len(others))):
+                got += more
+            refs = sorted((r for found, _ in got for r in found), key=lambda r: r.rva)
+            pic = {k: v for _, tails in got for k, v in tails.pic.items()}
+            tails = Tails(pic, sorted(x for _, tails in got for x in tails.jmp_reg))
+            window = set(stub_window(stub_tails(self.image, refs, self.pool, tails)))
+            children.tell(pickle.dumps(window, pickle.HIGHEST_PROTOCOL))
+            branches = sweep(window)
+            for found in map(pickle.loads, children.finish()):
+                branches += found
+        return refs, tails, sorted(branches)
 
     def _analyse_in_parallel(self, work: list[tuple[int, tuple[tuple[int, int], ...]]], workers: int) -> Analysed:
         """Share the functions out between this process and forked children, in small chunks taken in turn as
         each process gets free: a static split leaves one process idle whenever the other runs slower (on a shared
         machine it often does). The children send back the sites of each chunk as they go."""
-        ctx = multiprocessing.get_context("fork")
         chunks = _chunks(work, PARALLEL_CHUNK, workers)
-        taken = ctx.RawValue("l", 0)  # chunks handed out so far, shared by all the processes
-        lock = ctx.Lock()
+        shares = _Shares(len(chunks))
 
         def take() -> Iterator[tuple[int, list[tuple[int, tuple[tuple[int, int], ...]]]]]:
-            while True:
-                with lock:
-                    i = taken.value
-                    taken.value = i + 1
-                if i >= len(chunks):
-                    return
-                yield i, chunks[i]
+            return ((i, chunks[i]) for i in shares)
 
         # pickle rebuilds a dataclass by filling its __dict__ in C, faster than any constructor called from Python
         def child(_: None) -> Iterator[bytes]:
@@ -447,25 +466,51 @@ def _workers(functions: int) -> int:
 _T = TypeVar("_T")
 
 
+class _Shares:
+    """The numbers 0..n-1 handed out in turn to whichever process asks next (forked processes share them)."""
+
+    def __init__(self, n: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._n = n
+        self._next = ctx.RawValue("l", 0)
+        self._lock = ctx.Lock()
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            with self._lock:
+                i = self._next.value
+                self._next.value = i + 1
+            if i >= self._n:
+                return
+            yield i
+
+
 class _Children:
     """Forked children, each running `fn(arg)` for one of `args` and sending back every bytes object it yields.
 
     A child inherits everything this process holds (the image, the scanner) instead of having it pickled. One thread
     per child reads what it sends as it comes (a pipe holds only 64 KiB: a child must not wait for this process to
-    finish its own share before it can go on)."""
+    finish its own share before it can go on). With `talk`, `fn` is called as `fn(arg, listen)`: `listen()` waits
+    for the next message this process sends with `tell`."""
 
-    def __init__(self, fn: Callable[[_T], Iterable[bytes]], args: list[_T]) -> None:
+    def __init__(self, fn: Callable[..., Iterable[bytes]], args: list[_T], talk: bool = False) -> None:
         ctx = multiprocessing.get_context("fork")
         self._arrived: deque[bytes] = deque()
+        self._count = threading.Semaphore(0)  # one release per message arrived
         self._failed: list[str] = []
         self._children: list[tuple[multiprocessing.process.BaseProcess, Connection, threading.Thread]] = []
+        self._tell: list[Connection] = []
         gc.freeze()  # the children's collector leaves the inherited objects (and their pages) alone
         try:
             for arg in args:
                 recv, send = ctx.Pipe(duplex=False)
-                child = ctx.Process(target=_run_child, args=(fn, arg, send), daemon=True)
+                listen, tell = ctx.Pipe(duplex=False) if talk else (None, None)
+                child = ctx.Process(target=_run_child, args=(fn, arg, send, listen), daemon=True)
                 child.start()
                 send.close()
+                if listen is not None and tell is not None:
+                    listen.close()
+                    self._tell.append(tell)
                 reader = threading.Thread(target=self._read, args=(child, recv), daemon=True)
                 reader.start()
                 self._children.append((child, recv, reader))
@@ -480,9 +525,11 @@ class _Children:
                 if not data:
                     return  # the child's last word
                 self._arrived.append(data)
+                self._count.release()
         except (EOFError, OSError):
             child.join()
             self._failed.append(f"scan worker {child.pid} died (exit code {child.exitcode})")
+            self._count.release()  # wake `receive`: it reports the failure
 
     def arrived(self) -> list[bytes]:
         """What the children have sent since the last call."""
@@ -490,6 +537,21 @@ class _Children:
         while self._arrived:
             out.append(self._arrived.popleft())
         return out
+
+    def receive(self, n: int) -> list[bytes]:
+        """The next `n` messages, waiting for them."""
+        out: list[bytes] = []
+        while len(out) < n:
+            self._count.acquire()
+            if self._failed:
+                raise RuntimeError(self._failed[0])
+            out.append(self._arrived.popleft())
+        return out
+
+    def tell(self, data: bytes) -> None:
+        """Send `data` to every child (see `talk`)."""
+        for conn in self._tell:
+            conn.send_bytes(data)
 
     def finish(self) -> list[bytes]:
         """Everything still to come, once every child is done."""
@@ -500,6 +562,8 @@ class _Children:
         return self.arrived()
 
     def close(self) -> None:
+        for conn in self._tell:
+            conn.close()
         for child, recv, _ in self._children:
             recv.close()
             child.join()
@@ -512,10 +576,10 @@ class _Children:
         self.close()
 
 
-def _run_child(fn: Callable[[_T], Iterable[bytes]], arg: _T, send: Connection) -> None:
+def _run_child(fn: Callable[..., Iterable[bytes]], arg: _T, send: Connection, listen: Connection | None) -> None:
     gc.disable()
     try:
-        for data in fn(arg):
+        for data in fn(arg) if listen is None else fn(arg, listen.recv_bytes):
             send.send_bytes(data)
         send.send_bytes(b"")
     finally:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from .refs import JMP_MEM, LOAD, Ref, after_padding, code_spans, direct_branches_to
+from .refs import JMP_MEM, Ref, after_padding, code_spans, direct_branches_to
 from .semantics import Insn, branch_target
 
 if TYPE_CHECKING:
@@ -67,51 +67,79 @@ class Tails(NamedTuple):
     jmp_reg: list[int]  # `jmp reg` outside every function
 
 
-def find_tails(image: Image, pool: dict[int, PoolApi], cs: capstone.Cs, span: tuple[int, int] | None = None) -> Tails:
-    """The stub endings found by their bytes; with `span`, those whose first byte lies in it (see `find_refs`)."""
+def find_tails(
+    image: Image,
+    pool: dict[int, PoolApi],
+    cs: capstone.Cs,
+    span: tuple[int, int] | None = None,
+    jmp_reg: list[int] | None = None,
+) -> Tails:
+    """The stub endings found by their bytes; with `span`, those whose first byte lies in it (see `find_refs`).
+    `jmp_reg`: the `jmp reg` starts in it where they were found already (`find_refs`, on x64)."""
     mem = image.mem
     pic: dict[int, tuple[str, bool]] = {}
-    jmp_reg: list[int] = []
+    found: list[int] = []
     x64 = image.arch == "x64"
     for sec_rva, sec_end, begin, end in code_spans(image, span):
-        # position-independent x86 stubs (tagsplit's own): call $+5; pop reg; ...; jmp/call [reg + disp32]
-        for m in _PIC.finditer(mem, begin, min(sec_end, end + 5)):
-            if m.start() >= end:
-                break
-            found = _pic_tail(mem, m.start(), pool, cs)
-            if found is not None:
-                tail, api, is_call = found
-                pic[tail] = (api.name, is_call)
-        for start in jmp_reg_starts(mem, begin, min(sec_end, end + 1), x64, floor=sec_rva):
-            if not x64 or _outside_functions(image, start):
-                jmp_reg.append(start)
-    return Tails(pic, jmp_reg)
+        if not x64:
+            # position-independent x86 stubs (tagsplit's own): call $+5; pop reg; ...; jmp/call [reg + disp32]
+            for m in _PIC.finditer(mem, begin, min(sec_end, end + 5)):
+                if m.start() >= end:
+                    break
+                got = _pic_tail(mem, m.start(), pool, cs)
+                if got is not None:
+                    tail, api, is_call = got
+                    pic[tail] = (api.name, is_call)
+        if jmp_reg is None:
+            found += jmp_reg_starts(mem, begin, min(sec_end, end + 1), x64, floor=sec_rva)
+    if jmp_reg is not None:
+        found = jmp_reg
+    return Tails(pic, [start for start in found if _outside_functions(image, start)] if x64 else found)
 
 
-def find_stubs(
-    image: Image, refs: list[Ref], pool: dict[int, PoolApi], cs: capstone.Cs, found: Tails | None = None
-) -> tuple[dict[int, Stub], dict[int, list[tuple[int, bool]]], set[int]]:
-    """Stubs by entry RVA, their callers (RVA, is_call) by entry, and unused plain thunks (RVA). `found`: what
-    `find_tails` found, where it has run already."""
+def stub_tails(
+    image: Image, refs: list[Ref], pool: dict[int, PoolApi], found: Tails
+) -> dict[int, PoolApi | None]:
+    """Where a stub may end: `jmp [IAT]` outside every function, and what `find_tails` found (`jmp reg` with None)."""
     tails: dict[int, PoolApi | None] = {}
     for r in refs:
         if r.kind == JMP_MEM and _outside_functions(image, r.rva) and r.rva not in image.exports:
             tails[r.rva] = pool[r.slot]
-        elif r.kind == LOAD and _outside_functions(image, r.rva):
-            pass  # a load inside a stub is picked up when the stub's `jmp reg` is
-    mem = image.mem
-    if found is None:
-        found = find_tails(image, pool, cs)
+        # (a load inside a stub is picked up when the stub's `jmp reg` is)
     by_name = {api.name: api for api in pool.values()}
-    calls_at = {tail for tail, (_, is_call) in found.pic.items() if is_call}
     tails.update((tail, by_name[name]) for tail, (name, _) in found.pic.items())
     for start in found.jmp_reg:
         tails.setdefault(start, None)
+    return tails
+
+
+def stub_window(tails: dict[int, PoolApi | None]) -> dict[int, int]:
+    """Every RVA a stub ending at one of `tails` may start at -> that tail."""
+    return {t - d: t for t in tails for d in range(WINDOW + 1) if t - d >= 0}
+
+
+def find_stubs(
+    image: Image,
+    refs: list[Ref],
+    pool: dict[int, PoolApi],
+    cs: capstone.Cs,
+    found: Tails | None = None,
+    branches: list[tuple[int, int, bool]] | None = None,
+) -> tuple[dict[int, Stub], dict[int, list[tuple[int, bool]]], set[int]]:
+    """Stubs by entry RVA, their callers (RVA, is_call) by entry, and unused plain thunks (RVA). `found`: what
+    `find_tails` found, and `branches`: the direct branches into the `stub_window` of the `stub_tails`, where
+    they have been searched already."""
+    mem = image.mem
+    if found is None:
+        found = find_tails(image, pool, cs)
+    tails = stub_tails(image, refs, pool, found)
     if not tails:
         return {}, {}, set()
-    window = {t - d: t for t in tails for d in range(WINDOW + 1) if t - d >= 0}
+    calls_at = {tail for tail, (_, is_call) in found.pic.items() if is_call}
+    if branches is None:
+        branches = direct_branches_to(image, set(stub_window(tails)))
     callers: dict[int, list[tuple[int, bool]]] = {}
-    for src, target, is_call in direct_branches_to(image, set(window)):
+    for src, target, is_call in branches:
         callers.setdefault(target, []).append((src, is_call))
     stubs: dict[int, Stub] = {}
     for entry in sorted(callers):
