@@ -35,6 +35,7 @@ from tagsplit.sites.semantics import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 DRIVERS = [p for p in corpus_drivers() if "arm64" not in p.name] + sorted(BIN.glob("*.sys"))
@@ -428,6 +429,8 @@ def test_searches_on_drivers_match_the_plain_expressions(path: Path) -> None:
 def test_parallel_analysis_gives_the_same_scan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sites computed in forked workers come back (pickled) equal to the ones computed in-process."""
     import multiprocessing
+    import os
+    import time
 
     from tagsplit.sites import scan as scan_mod
 
@@ -437,11 +440,40 @@ def test_parallel_analysis_gives_the_same_scan(name: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(scan_mod, "PARALLEL_MIN_FUNCTIONS", 10**9)
     alone = scan_mod.scan_image(image)
     monkeypatch.setattr(scan_mod, "PARALLEL_MIN_FUNCTIONS", 1)
+    monkeypatch.setattr(scan_mod, "PARALLEL_CHUNK", 2)
     monkeypatch.setattr(scan_mod.os, "cpu_count", lambda: 3)
+    # this process works slowly, so that the children (which take a while to start) get a share of the work
+    parent = os.getpid()
+    analyse, find_refs, rebuilt = scan_mod._Scanner.analyse, scan_mod.find_refs, scan_mod._rebuilt
+    from_children: list[int] = []
+
+    def slow_analyse(self: scan_mod._Scanner, work: list) -> scan_mod.Analysed:  # type: ignore[type-arg]
+        if os.getpid() == parent:
+            time.sleep(0.02)
+        return analyse(self, work)
+
+    searched_here: list[object] = []
+
+    def slow_find_refs(*args: object) -> object:
+        if os.getpid() == parent:
+            searched_here.append(args[2:])
+            time.sleep(0.02)
+        return find_refs(*args)  # type: ignore[arg-type]
+
+    def counted(rec: object) -> object:
+        from_children.append(1)
+        return rebuilt(rec)
+
+    monkeypatch.setattr(scan_mod._Scanner, "analyse", slow_analyse)
+    monkeypatch.setattr(scan_mod, "find_refs", slow_find_refs)
+    monkeypatch.setattr(scan_mod, "_rebuilt", counted)
     shared = scan_mod.scan_image(image)
     assert shared == alone
-    monkeypatch.setattr(scan_mod, "PARALLEL_SEARCH_BYTES", 0)  # the byte searches split in two processes as well
+    assert from_children, "no child analysed anything"
+    monkeypatch.setattr(scan_mod, "PARALLEL_SEARCH_BYTES", 0)  # the byte searches split between processes as well
+    searched_here.clear()
     assert scan_mod.scan_image(image) == alone
+    assert len(searched_here) < 6, "the children searched no part of the code"  # (6 parts: two per process)
 
 
 # --- tag bytes in code (the cross-check) -------------------------------------------------------------------------
@@ -493,28 +525,20 @@ def test_a_worker_that_dies_is_reported(stage: str, monkeypatch: pytest.MonkeyPa
         pytest.skip("no fork on this platform")
     image = load(BIN / "patterns_clang_x64.sys")
     parent = os.getpid()
-    analyse = scan_mod._Scanner.analyse
+    shares = scan_mod._Shares.__iter__
 
-    def dying(self: scan_mod._Scanner, work: list) -> scan_mod.Analysed:  # type: ignore[type-arg]
+    # A child dies when it first asks for work (whether or not any is left: this process may have taken it all).
+    def dying(self: scan_mod._Shares) -> Iterator[int]:
         if os.getpid() != parent:
             os._exit(3)
-        return analyse(self, work)
+        return shares(self)
 
-    find_refs = scan_mod.find_refs
-
-    def dying_search(*args: object) -> object:
-        if os.getpid() != parent:
-            os._exit(3)
-        return find_refs(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(scan_mod, "PARALLEL_MIN_FUNCTIONS", 1)
-    monkeypatch.setattr(scan_mod, "PARALLEL_CHUNK", 1)
+    monkeypatch.setattr(scan_mod._Shares, "__iter__", dying)
     monkeypatch.setattr(scan_mod.os, "cpu_count", lambda: 2)
     if stage == "analysis":
-        monkeypatch.setattr(scan_mod._Scanner, "analyse", dying)
+        monkeypatch.setattr(scan_mod, "PARALLEL_MIN_FUNCTIONS", 1)
     else:
         monkeypatch.setattr(scan_mod, "PARALLEL_SEARCH_BYTES", 0)
-        monkeypatch.setattr(scan_mod, "find_refs", dying_search)
     with pytest.raises(RuntimeError, match="died"):
         scan_mod.scan_image(image)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import gc
 import multiprocessing
 import operator
@@ -14,7 +15,7 @@ import threading
 from collections import Counter, defaultdict, deque
 from contextlib import contextmanager
 from itertools import chain, compress
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import capstone
 
@@ -55,6 +56,7 @@ class _Scanner:
         self.stubs: dict[int, Stub] = {}
         self._stub_insns: dict[int, Insn] = {}
         self._memo = StepMemo()
+        self._make: Callable[..., Any] = make  # `_record` in a child (see `_analyse_in_parallel`)
         self._refs_at: dict[int, Ref] = {}
         self._ref_rvas: list[int] = []
         self._stub_calls: list[int] = []
@@ -204,19 +206,25 @@ class _Scanner:
         def take() -> Iterator[tuple[int, list[tuple[int, tuple[tuple[int, int], ...]]]]]:
             return ((i, chunks[i]) for i in shares)
 
-        # pickle rebuilds a dataclass by filling its __dict__ in C, faster than any constructor called from Python
+        # A child makes its sites as tuples (`_record`): cheaper to make and to pickle than the dataclasses, which
+        # cost this process about as much to rebuild from the tuples as to unpickle.
         def child(_: None) -> Iterator[bytes]:
+            self._make = _record  # (this forked copy of the scanner only)
             return (pickle.dumps((i, self.analyse(chunk)), pickle.HIGHEST_PROTOCOL) for i, chunk in take())
+
+        def rebuilt(got: Analysed) -> Analysed:
+            sites = list(map(_rebuilt, got[0]))
+            return sites, list(map(_feed, sites))
 
         done: list[Analysed | None] = [None] * len(chunks)
         with _Children(child, [None] * (workers - 1)) as children:
             for i, chunk in take():
                 done[i] = self.analyse(chunk)
                 for j, got in map(pickle.loads, children.arrived()):
-                    done[j] = got
+                    done[j] = rebuilt(got)
             self._memo = StepMemo()  # let it go while the children finish their last chunks
             for j, got in map(pickle.loads, children.finish()):
-                done[j] = got
+                done[j] = rebuilt(got)
         # in the order of the work (function entries): nearly the sites' RVA order, which makes sorting them cheap
         sites: list[CallSite] = []
         feeds: list[tuple[int, tuple[int, ...]]] = []
@@ -246,7 +254,8 @@ class _Scanner:
                 code = FunctionCode(mem, entry, ranges, self.cs)
                 found = list(self._sites_in(code, self._refs_at, self.stubs, refs))
             sites += found
-            feeds += map(_feed, found)
+            if self._make is make:  # (a child's records get theirs where they are rebuilt)
+                feeds += map(_feed, found)
         return sites, feeds
 
     def _references(self, ranges: tuple[tuple[int, int], ...]) -> tuple[list[int], list[int]]:
@@ -395,7 +404,7 @@ class _Scanner:
         else:
             source = self._tag_source(code, k, api, tail=mnemonic == "jmp")
         sec = image.section_at(rva)
-        return make(
+        return self._make(  # type: ignore[no-any-return]
             CallSite,
             rva,
             len(raw),  # size
@@ -418,7 +427,7 @@ class _Scanner:
     ) -> TagSource:
         where = api.tag_location(self.image.arch)
         if where is None:
-            return _source(model.NONE, detail=f"{api.name} takes no tag")
+            return _source(model.NONE, detail=f"{api.name} takes no tag", build=self._make)
         loc: Loc
         if isinstance(where, str):
             loc = RegLoc(_X64_REG_OF[where])
@@ -430,8 +439,9 @@ class _Scanner:
             # At a tail jump the return address is already on the stack, one slot above the call-time layout.
             loc = StackLoc(where + (self.image.ptr_size if tail else 0))
         if stub is not None:
-            return _classify(self._through_stub(code, k, stub, loc), code, self.image, self._stub_insns)
-        return _classify(code.origins(k, loc, self.ctx), code, self.image)
+            found = self._through_stub(code, k, stub, loc)
+            return _classify(found, code, self.image, self._stub_insns, build=self._make)
+        return _classify(code.origins(k, loc, self.ctx), code, self.image, build=self._make)
 
 
 Analysed = tuple[list[CallSite], list[tuple[int, tuple[int, ...]]]]  # sites, (RVA, tag instructions) of each
@@ -607,7 +617,7 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _instruction(
-    code: FunctionCode, rva: int | None, extra: dict[int, Insn] | None = None
+    code: FunctionCode, rva: int | None, extra: dict[int, Insn] | None = None, build: Callable[..., Any] = make
 ) -> Instruction | None:
     if rva is None:
         return None
@@ -618,7 +628,7 @@ def _instruction(
         ins = extra[rva]
     else:
         return None
-    return make(Instruction, ins.rva, ins.raw, f"{ins.mnemonic} {ins.op_str}".strip())
+    return build(Instruction, ins.rva, ins.raw, f"{ins.mnemonic} {ins.op_str}".strip())  # type: ignore[no-any-return]
 
 
 def _source(
@@ -629,15 +639,21 @@ def _source(
     other_sources: tuple[int, ...] = (),
     param_index: int | None = None,
     detail: str = "",
+    build: Callable[..., Any] = make,
 ) -> TagSource:
-    return make(TagSource, kind, value, insn, imm_offset, other_sources, param_index, detail)
+    return build(TagSource, kind, value, insn, imm_offset, other_sources, param_index, detail)  # type: ignore[no-any-return]
 
 
 def _classify(
-    origins: list[Origin], code: FunctionCode, image: Image, extra: dict[int, Insn] | None = None
+    origins: list[Origin],
+    code: FunctionCode,
+    image: Image,
+    extra: dict[int, Insn] | None = None,
+    build: Callable[..., Any] = make,
 ) -> TagSource:
+    """What `origins` make of a site's tag. `build` makes the result: `make`, or `_record` in a scan child."""
     if not origins:
-        return _source(model.COMPUTED, detail="no path reaches the call")
+        return _source(model.COMPUTED, detail="no path reaches the call", build=build)
     kinds = {o.kind for o in origins}
     if kinds == {"imm"}:
         values = {o.value for o in origins}
@@ -646,23 +662,43 @@ def _classify(
             return _source(
                 model.IMM,
                 value=first.value,
-                insn=_instruction(code, first.rva, extra),
+                insn=_instruction(code, first.rva, extra, build),
                 imm_offset=first.imm_offset,
                 other_sources=tuple(o.rva for o in rest if o.rva is not None),
                 detail=first.detail,
+                build=build,
             )
         shown = ", ".join(f"{v:#010x}" for v in sorted(v for v in values if v is not None))
-        return _source(model.COMPUTED, detail=f"one of several constants: {shown}")
+        return _source(model.COMPUTED, detail=f"one of several constants: {shown}", build=build)
     if len(origins) == 1:
         o = origins[0]
         kind = {"import": model.MEMORY}.get(o.kind, o.kind)
         if kind == model.PARAM:
-            return _source(model.PARAM, param_index=o.param, detail=f"argument {o.param} of the function")
-        return _source(kind, detail=o.detail or kind)
+            detail = f"argument {o.param} of the function"
+            return _source(model.PARAM, param_index=o.param, detail=detail, build=build)
+        return _source(kind, detail=o.detail or kind, build=build)
     if kinds == {"param"} and len({o.param for o in origins}) == 1:
-        return _source(model.PARAM, param_index=origins[0].param, detail=f"argument {origins[0].param}")
+        detail = f"argument {origins[0].param}"
+        return _source(model.PARAM, param_index=origins[0].param, detail=detail, build=build)
     parts = sorted({o.kind for o in origins})
-    return _source(model.COMPUTED, detail="different sources meet: " + ", ".join(parts))
+    return _source(model.COMPUTED, detail="different sources meet: " + ", ".join(parts), build=build)
+
+
+def _record(cls: type, *values: Any) -> tuple[Any, ...]:
+    """`make` in a scan child: the fields alone, nested as the objects would be (`_rebuilt` makes the objects)."""
+    return values
+
+
+_SOURCE_AT = [f.name for f in dataclasses.fields(CallSite)].index("tag_source")
+_INSN_AT = [f.name for f in dataclasses.fields(TagSource)].index("insn")
+
+
+def _rebuilt(rec: Any) -> CallSite:
+    """The site a child sent as a `_record`."""
+    ts = list(rec[_SOURCE_AT])
+    if ts[_INSN_AT] is not None:
+        ts[_INSN_AT] = make(Instruction, *ts[_INSN_AT])
+    return make(CallSite, *rec[:_SOURCE_AT], make(TagSource, *ts), *rec[_SOURCE_AT + 1 :])
 
 
 def mark_shared(sites: list[CallSite]) -> list[CallSite]:
