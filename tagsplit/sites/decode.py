@@ -142,7 +142,6 @@ class Layout(NamedTuple):
     complete: list[bool]  # [False] when the decoding stopped early (see `layout`'s upto)
 
 
-_RETRY = Layout([], [], [], [], [], [], [], [], [], [], [])
 _MAX_INSN = 15
 # Any byte that could start a relative jump: jcc/jmp/loop/jcxz rel8, jmp rel32, jcc rel32 (prefixes come before).
 _REL8 = re.compile(rb"[\x70-\x7f\xe0-\xe3\xeb]", re.S)
@@ -196,21 +195,6 @@ def layout(
     after that point could be a branch back into what was decoded: then nothing further on can be a predecessor
     of anything decoded (the backward walk never gets there), and `Layout.complete` is False.
     """
-    if upto is not None:
-        lay = _layout(mem, ranges, bits, max_checks, upto)
-        if lay is not _RETRY:
-            return lay
-    got = _layout(mem, ranges, bits, max_checks, None)
-    return None if got is _RETRY else got
-
-
-def _layout(
-    mem: bytes,
-    ranges: tuple[tuple[int, int], ...],
-    bits: int,
-    max_checks: int | None,
-    upto: int | None,
-) -> Layout | None:
     lay = Layout([], [], [], [], [], [], [], [], [], [], [True])
     starts, sizes, reldep, branches, passthru, nofall, indirect, text, checks = (
         lay.starts, lay.sizes, lay.reldep, lay.branches, lay.passthru, lay.nofall, lay.indirect, lay.text,
@@ -248,9 +232,18 @@ def _layout(
             decoded = [*((b, e) for b, e in ranges if e <= begin), (begin, stop)]
             tail = [(stop, end), *((b, e) for b, e in ranges if b >= end)]
             if _may_branch_into(mem, tail, decoded):
-                return _RETRY
-            lay.complete[0] = False
-        elif stop != end:
+                # the rest may be a predecessor after all: decode it too, on from where the decoding stopped
+                more = list(Decoder(bits, mem[stop:end], ip=stop))
+                if not all(more):
+                    return None
+                insns += more
+                lens += map(len, more)
+                pos += accumulate(lens[len(pos) :], initial=stop)
+                stop = pos.pop()
+                data = mem[begin:end]
+            else:
+                lay.complete[0] = False
+        if stop != end and lay.complete[0]:
             return None
         starts += pos
         sizes += lens

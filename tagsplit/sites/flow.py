@@ -297,6 +297,7 @@ class FunctionCode:
         # the first lookups of `_step`, inlined below for the common case
         passthru, reldep, sizes, mem = self._passthru, self._reldep, self.sizes, self._mem
         memo = self._memo.steps if self._memo is not None else None
+        res: Step | None
         while work:
             item = work.pop()
             if item in seen:
@@ -310,20 +311,22 @@ class FunctionCode:
             # straight-line code: the only predecessor is the previous instruction
             while fall[k] and k not in bpreds and starts[k] != entry:
                 p = k - 1
-                key = (p, loc)
-                res = cache.get(key)
-                if res is None:
-                    if p in passthru:
-                        res = loc
-                    elif memo is not None and p not in reldep:
-                        s = starts[p]
-                        raw = mem[s : s + sizes[p]]
-                        res = memo.get((raw, loc))
+                # the memo answers for most instructions; what it does not keep (origins, forks, relative branches)
+                # is kept per function
+                if p in passthru:
+                    res = loc
+                elif memo is not None and p not in reldep:
+                    s = starts[p]
+                    raw = mem[s : s + sizes[p]]
+                    res = memo.get((raw, loc))
+                    if res is None:
+                        res = cache.get((p, loc))
                         if res is None:
-                            res = self._learn(p, raw, loc, ctx)
-                    else:
-                        res = self._step(p, loc, ctx)
-                    cache[key] = res
+                            res = cache[(p, loc)] = self._learn(p, raw, loc, ctx)
+                else:
+                    res = cache.get((p, loc))
+                    if res is None:
+                        res = cache[(p, loc)] = self._step(p, loc, ctx)
                 t = type(res)
                 if t is Origin:
                     found[res] = None  # type: ignore[index]
@@ -335,7 +338,7 @@ class FunctionCode:
                         else:
                             work.append((k - 1, r))
                     break
-                item = key if res == loc else (k - 1, res)  # type: ignore[assignment]
+                item = (p, res)  # type: ignore[assignment]
                 if item in seen:
                     break
                 seen.add(item)
