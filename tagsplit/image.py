@@ -97,13 +97,31 @@ class FunctionTable:
     """The functions of `.pdata` as sorted, disjoint [begin, end) ranges, each with the entry of its function.
 
     Kept as columns, not objects: a large driver has hundreds of thousands of functions and a scan looks up a few
-    thousand of them. `Function` objects are made on demand.
+    thousand of them. `Function` objects are made on demand. The chained entries are followed on first use
+    (`links`): a scan forks the processes that search the code first, and follows them meanwhile.
     """
 
     begins: list[int]
     ends: list[int]
-    roots: list[int]  # the entry RVA of the function each range belongs to (itself unless chained)
-    chained: dict[int, tuple[tuple[int, int], ...]]  # entry -> all its ranges, for functions of several ranges
+    unwind: list[int] = field(repr=False)  # the RVA of each range's UNWIND_INFO
+    mem: bytes = field(repr=False)  # the image (where the UNWIND_INFO is)
+    size: int = field(repr=False)  # SizeOfImage
+
+    @cached_property
+    def links(self) -> tuple[list[int], dict[int, tuple[tuple[int, int], ...]]]:
+        """The entry RVA of the function each range belongs to (itself unless chained), and entry -> all its ranges
+        for the functions of several ranges."""
+        if not self.begins:
+            return [], {}
+        return _chained(self.mem, self.begins, self.ends, self.unwind, self.size)
+
+    @property
+    def roots(self) -> list[int]:
+        return self.links[0]
+
+    @property
+    def chained(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        return self.links[1]
 
     def at(self, rva: int) -> Function | None:
         i = bisect.bisect_right(self.begins, rva) - 1
@@ -144,7 +162,7 @@ class FunctionTable:
         return tuple(out[r] for r in sorted(out))
 
 
-NO_FUNCTIONS = FunctionTable([], [], [], {})
+NO_FUNCTIONS = FunctionTable([], [], [], b"", 0)
 
 
 @dataclass(frozen=True)
@@ -618,7 +636,7 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
         and all(map(operator.lt, begins, ends))
         and all(map(operator.le, ends[:-1], begins[1:]))
     ):
-        return _chained(mem, begins, ends, unwind, size)
+        return FunctionTable(begins, ends, unwind, mem, size)
     entries = list(zip(begins, ends, unwind))
     valid = [ent for ent in entries if 0 < ent[0] < ent[1] <= size]
     bad = len(entries) - len(valid)
@@ -637,19 +655,21 @@ def _pdata(mem: bytes, d: pefile.Structure, path: str, size: int, warnings: list
         warnings.append(f"{len(valid) - len(kept)} .pdata entries overlapping others were ignored")
     if not kept:
         return NO_FUNCTIONS
-    return _chained(mem, [b for b, _, _ in kept], [e for _, e, _ in kept], [u for _, _, u in kept], size)
+    return FunctionTable([b for b, _, _ in kept], [e for _, e, _ in kept], [u for _, _, u in kept], mem, size)
 
 
-def _chained(mem: bytes, begins: list[int], ends: list[int], unwind: list[int], size: int) -> FunctionTable:
-    """The table of sorted, disjoint .pdata ranges, each with the entry of its function: a chained entry (its
-    UNWIND_INFO's flags say so) describes a fragment of another function; its chain is followed to the primary."""
+def _chained(
+    mem: bytes, begins: list[int], ends: list[int], unwind: list[int], size: int
+) -> tuple[list[int], dict[int, tuple[tuple[int, int], ...]]]:
+    """`FunctionTable.links` of sorted, disjoint .pdata ranges: a chained entry (its UNWIND_INFO's flags say so)
+    describes a fragment of another function; its chain is followed to the primary."""
     chain = UNW_FLAG_CHAININFO << 3
     inside = unwind if min(unwind) > 0 and max(unwind) < size - 4 else [u if 0 < u < size - 4 else 0 for u in unwind]
     flags = bytes_at(mem, inside)
     fragments = [i for i in compress(range(len(inside)), flags.translate(_CHAINED)) if inside[i]]
     roots = begins[:]
     if not fragments:
-        return FunctionTable(begins, ends, roots, {})
+        return roots, {}
     # Nearly every chain is one link long, to a primary entry of the table: those are read a column at a time,
     # the others followed link by link below.
     ups = [unwind[i] for i in fragments]
@@ -688,7 +708,7 @@ def _chained(mem: bytes, begins: list[int], ends: list[int], unwind: list[int], 
         j = bisect.bisect_left(begins, r)
         if j < len(begins) and begins[j] == r and roots[j] == r:
             rs.add((r, ends[j]))
-    return FunctionTable(begins, ends, roots, {r: tuple(sorted(rs)) for r, rs in several.items()})
+    return roots, {r: tuple(sorted(rs)) for r, rs in several.items()}
 
 
 _CHAINED = bytes(1 if b & (UNW_FLAG_CHAININFO << 3) else 0 for b in range(256))

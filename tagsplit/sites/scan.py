@@ -183,6 +183,7 @@ class _Scanner:
 
         others = [None] * (processes - 1)
         with _Children(child, others, talk=True) as children:
+            self.image.function_table.links  # noqa: B018  (follow the .pdata chains while the children search)
             got = search()
             for more in map(pickle.loads, children.receive(len(others))):
                 got += more

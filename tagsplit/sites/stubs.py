@@ -64,7 +64,7 @@ class Tails(NamedTuple):
     """What the byte searches for stub endings found (other than `jmp [IAT]`, which `find_refs` finds)."""
 
     pic: dict[int, tuple[str, bool]]  # x86 position-independent stub's final jmp/call -> (routine, is a call)
-    jmp_reg: list[int]  # `jmp reg` outside every function
+    jmp_reg: list[int]  # every `jmp reg` (`stub_tails` keeps those outside every function)
 
 
 def find_tails(
@@ -94,7 +94,7 @@ def find_tails(
             found += jmp_reg_starts(mem, begin, min(sec_end, end + 1), x64, floor=sec_rva)
     if jmp_reg is not None:
         found = jmp_reg
-    return Tails(pic, [start for start in found if _outside_functions(image, start)] if x64 else found)
+    return Tails(pic, found)
 
 
 def stub_tails(
@@ -109,7 +109,8 @@ def stub_tails(
     by_name = {api.name: api for api in pool.values()}
     tails.update((tail, by_name[name]) for tail, (name, _) in found.pic.items())
     for start in found.jmp_reg:
-        tails.setdefault(start, None)
+        if _outside_functions(image, start):
+            tails.setdefault(start, None)
     return tails
 
 
