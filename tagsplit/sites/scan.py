@@ -190,7 +190,7 @@ class _Scanner:
             refs = sorted((r for found, _ in got for r in found), key=lambda r: r.rva)
             pic = {k: v for _, tails in got for k, v in tails.pic.items()}
             tails = Tails(pic, sorted(x for _, tails in got for x in tails.jmp_reg))
-            window = set(stub_window(stub_tails(self.image, refs, self.pool, tails)))
+            window = stub_window(stub_tails(self.image, refs, self.pool, tails))
             children.tell(pickle.dumps(window, pickle.HIGHEST_PROTOCOL))
             branches = sweep(window)
             for found in map(pickle.loads, children.finish()):
@@ -553,10 +553,11 @@ class _Children:
         """The next `n` messages, waiting for them."""
         out: list[bytes] = []
         while len(out) < n:
-            self._count.acquire()
+            self._count.acquire()  # (at least as many as the messages waiting: `arrived` takes some without it)
             if self._failed:
                 raise RuntimeError(self._failed[0])
-            out.append(self._arrived.popleft())
+            if self._arrived:
+                out.append(self._arrived.popleft())
         return out
 
     def tell(self, data: bytes) -> None:
@@ -593,6 +594,8 @@ def _run_child(fn: Callable[..., Iterable[bytes]], arg: _T, send: Connection, li
         for data in fn(arg) if listen is None else fn(arg, listen.recv_bytes):
             send.send_bytes(data)
         send.send_bytes(b"")
+    except EOFError:
+        pass  # the scanning process stopped talking to this child: it failed, and says so itself
     finally:
         send.close()
 

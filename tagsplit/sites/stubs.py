@@ -114,9 +114,9 @@ def stub_tails(
     return tails
 
 
-def stub_window(tails: dict[int, PoolApi | None]) -> dict[int, int]:
-    """Every RVA a stub ending at one of `tails` may start at -> that tail."""
-    return {t - d: t for t in tails for d in range(WINDOW + 1) if t - d >= 0}
+def stub_window(tails: dict[int, PoolApi | None]) -> set[int]:
+    """Every RVA a stub ending at one of `tails` may start at."""
+    return {t - d for t in tails for d in range(WINDOW + 1) if t - d >= 0}
 
 
 def find_stubs(
@@ -138,7 +138,7 @@ def find_stubs(
         return {}, {}, set()
     calls_at = {tail for tail, (_, is_call) in found.pic.items() if is_call}
     if branches is None:
-        branches = direct_branches_to(image, set(stub_window(tails)))
+        branches = direct_branches_to(image, stub_window(tails))
     callers: dict[int, list[tuple[int, bool]]] = {}
     for src, target, is_call in branches:
         callers.setdefault(target, []).append((src, is_call))
