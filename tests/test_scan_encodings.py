@@ -83,6 +83,16 @@ def _encodings(rnd: random.Random, arch: str) -> list[tuple[bytes, int]]:
             (b"\xe8" + rel, rva),
             (b"\x68" + imm, rva),
         ]
+        # mov between registers, or a register and memory: every ModRM, [rsp] and other SIB bytes, both widths
+        rexes = [b"", rnd.choice(REXES), rnd.choice(REXES)] if arch == "x64" else [b""]
+        for op in (0x89, 0x8B):
+            for rex in rexes:
+                modrm = rnd.randrange(256)
+                sib = bytes([rnd.choice([0x24, 0x24, rnd.randrange(256)])]) if modrm & 7 == 4 and modrm < 0xC0 else b""
+                disp = (b"", bytes([d8]), d32[:4])[modrm >> 6] if modrm < 0xC0 else b""
+                if modrm < 0x40 and (modrm & 7 == 5 or (sib and sib[0] & 7 == 5)):
+                    disp = d32
+                out.append((rex + bytes([op, modrm]) + sib + disp, rva))
         if arch == "x64":
             out += [
                 (bytes([0x41, 0xB8 + reg]) + imm, rva),

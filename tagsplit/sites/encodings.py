@@ -13,7 +13,7 @@ variant it does not recognise, is None: ask `step_back`.
 
 from __future__ import annotations
 
-from .semantics import Context, Loc, Origin, RegLoc, StackLoc, Step, across_call, global_origin
+from .semantics import Context, FrameLoc, Loc, Origin, RegLoc, StackLoc, Step, across_call, global_origin
 
 _REG64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
@@ -37,13 +37,64 @@ def step_bytes(raw: bytes, rva: int, loc: Loc, ctx: Context) -> Step | None:
         return across_call(rva, loc, "x64")  # call qword ptr [rip + disp32] (an IAT slot: unique bytes at every call)
     if x64 and (n == 6 or (n == 7 and 0x40 <= b0 <= 0x4F)) and raw[-5] & 0xC7 == 0x05 and raw[-6] in _RIP_MOVES:
         return _rip_move(raw, rva, loc, ctx)  # mov r, [rip + disp32]; lea r, [rip + disp32]; mov [rip + disp32], r
+    rex = b0 if x64 and 0x40 <= b0 <= 0x4F else 0
+    op = raw[1:] if rex else raw
+    if len(op) >= 2 and (op[0] == 0x89 or op[0] == 0x8B):
+        return _move(op, rex, loc)
     # mov dword/qword [rsp+disp8|disp32], imm32: C7 44 24 d8 / C7 84 24 d32 (REX.W 48 before: qword)
-    rexw = x64 and b0 == 0x48
-    op = raw[1:] if rexw else raw
-    if len(op) in (8, 11) and op[0] == 0xC7 and op[2] == 0x24 and op[1] == (0x44 if len(op) == 8 else 0x84):
+    if (
+        (rex == 0 or rex == 0x48)
+        and len(op) in (8, 11)
+        and op[0] == 0xC7
+        and op[2] == 0x24
+        and op[1] == (0x44 if len(op) == 8 else 0x84)
+    ):
         disp = int.from_bytes(op[3:-4], "little", signed=True)
-        return _store_imm(disp, 8 if rexw else 4, raw, rva, loc)
+        return _store_imm(disp, 8 if rex else 4, raw, rva, loc)
     return None
+
+
+def _move(op: bytes, rex: int, loc: Loc) -> Step | None:
+    """`mov` of 32 or 64 bits (opcode 89: store, 8B: load) between two registers, or between a register and
+    [base], [base + disp8] or [base + disp32]; None for any other addressing (its answer is worded from the text)."""
+    modrm = op[1]
+    mod, rm = modrm >> 6, modrm & 7
+    reg = (modrm >> 3 & 7) + (8 if rex & 4 else 0)
+    if mod == 3:
+        if len(op) != 2:
+            return None
+        other = rm + (8 if rex & 1 else 0)
+        dst, src = (other, reg) if op[0] == 0x89 else (reg, other)
+        if dst == 4:
+            return None  # the stack pointer changes
+        if type(loc) is RegLoc:
+            return RegLoc(_REG64[src]) if loc.reg == _REG64[dst] else loc
+        return loc if type(loc) is StackLoc else None
+    if rm == 4:  # a SIB byte: only 24 without REX.X or REX.B, [rsp]
+        if len(op) < 3 or op[2] != 0x24 or rex & 3:
+            return None
+        base, at = 4, 3
+    elif mod == 0 and rm == 5:
+        return None  # [rip + disp32] or [disp32]
+    else:
+        base, at = rm + (8 if rex & 1 else 0), 2
+    if len(op) != at + (0, 1, 4)[mod]:
+        return None
+    disp = int.from_bytes(op[at:], "little", signed=True)
+    if type(loc) is not RegLoc and type(loc) is not StackLoc:
+        return None  # a frame slot: the text model words its answer from the text
+    if op[0] == 0x8B:  # load
+        if reg == 4:
+            return None  # the stack pointer changes
+        if type(loc) is StackLoc or loc.reg != _REG64[reg]:  # type: ignore[union-attr]
+            return loc
+        if base == 4:
+            return StackLoc(disp)
+        return FrameLoc("rbp", disp) if base == 5 else None  # (any other base: a memory origin, worded from the text)
+    if type(loc) is StackLoc and base == 4:  # store
+        size = 8 if rex & 8 else 4
+        return RegLoc(_REG64[reg]) if disp < loc.offset + 4 and loc.offset < disp + size else loc
+    return loc
 
 
 _RIP_MOVES = frozenset([0x8B, 0x8D, 0x89])
