@@ -4,7 +4,9 @@ Most steps of the walk are answered by the memo (`flow.StepMemo`, keyed by instr
 instruction miss it nearly every time, because their bytes are unique: the instruction that sets a tag
 (`mov r32, imm32`, `mov dword [rsp+d], imm32`, `push imm32` — one tag value each), the direct `call rel32`
 (its bytes hold its target) and, on x64, `call qword ptr [rip + disp32]` and moves between a register and
-[rip + disp32] (each addresses its global from where it is).
+[rip + disp32] (each addresses its global from where it is). The plain moves between registers and stack or frame
+slots (`mov r, [rsp + d]`, `mov [rsp + d], r`, ...) repeat, but they are the commonest instruction there is, and
+most of the texts the walk still decoded were theirs.
 Decoding their text and parsing it costs more than the rest of the walk. Their effect on a location follows from
 the encoding alone, and `step_bytes` gives exactly what `semantics.step_back` gives for them
 (tests/test_scan_encodings.py compares the two on every instruction of every sample driver); anything else, or any
