@@ -78,7 +78,7 @@ def find_tails(
     `jmp_reg`: the `jmp reg` starts in it where they were found already (`find_refs`, on x64)."""
     mem = image.mem
     pic: dict[int, tuple[str, bool]] = {}
-    found: list[int] = []
+    found = jmp_reg if jmp_reg is not None else []
     x64 = image.arch == "x64"
     for sec_rva, sec_end, begin, end in code_spans(image, span):
         if not x64:
@@ -92,8 +92,6 @@ def find_tails(
                     pic[tail] = (api.name, is_call)
         if jmp_reg is None:
             found += jmp_reg_starts(mem, begin, min(sec_end, end + 1), x64, floor=sec_rva)
-    if jmp_reg is not None:
-        found = jmp_reg
     return Tails(pic, found)
 
 
